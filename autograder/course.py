@@ -1,0 +1,138 @@
+"""Where the course's pieces live, and its one configuration file (course.toml)."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+def find_root() -> Path:
+    """The repository root: the folder holding course.toml.
+
+    The autograder is installed editable, so its own location finds the repository even when
+    the command runs from a sub-folder; COURSE_ROOT overrides both (used by tests on a copy).
+    """
+    override = os.environ.get("COURSE_ROOT")
+    candidates = [Path(override)] if override else []
+    candidates += [Path(__file__).resolve().parent.parent, Path.cwd()]
+    for candidate in candidates:
+        if (candidate / "course.toml").is_file():
+            return candidate.resolve()
+    raise SystemExit(
+        "autograder: cannot find the course repository (no course.toml). "
+        "Run `python -m autograder` from the repository root, or set COURSE_ROOT."
+    )
+
+
+@dataclass(frozen=True)
+class Lesson:
+    """One assignment: `solutions/<id>/<notebook>.ipynb` and its release in `lessons/`."""
+
+    id: str
+    title: str
+    builds: str
+    notebooks: tuple[str, ...]  # notebook names without .ipynb; empty when not built yet
+
+    @property
+    def built(self) -> bool:
+        return bool(self.notebooks)
+
+
+class Course:
+    def __init__(self, root: Path | None = None):
+        self.root = (root or find_root()).resolve()
+        self.config_path = self.root / "course.toml"
+        with open(self.config_path, "rb") as f:
+            self.config = tomllib.load(f)
+
+    # --- layout ---------------------------------------------------------------------------
+    @property
+    def solutions_dir(self) -> Path:
+        return self.root / "solutions"
+
+    @property
+    def lessons_dir(self) -> Path:
+        return self.root / "lessons"
+
+    @property
+    def readme(self) -> Path:
+        return self.root / "README.md"
+
+    # --- configuration --------------------------------------------------------------------
+    @property
+    def course_id(self) -> str:
+        return self.config["course"]["id"]
+
+    @property
+    def title(self) -> str:
+        return self.config["course"]["title"]
+
+    @property
+    def repository(self) -> str:
+        return self.config["course"]["repository"].rstrip("/")
+
+    @property
+    def ref(self) -> str:
+        return self.config["course"]["ref"]
+
+    @property
+    def package(self) -> str:
+        return self.config["course"]["package"]
+
+    @property
+    def github_path(self) -> str:
+        """`owner/name` of the repository, as Colab's GitHub URLs want it."""
+        parsed = urlparse(self.repository)
+        path = parsed.path.strip("/")
+        if parsed.netloc != "github.com" or path.count("/") != 1:
+            raise SystemExit(
+                f"course.toml: repository must be https://github.com/OWNER/NAME, got {self.repository!r}"
+            )
+        return path.removesuffix(".git")
+
+    def colab_url(self, lesson_id: str, notebook: str) -> str:
+        return (
+            f"https://colab.research.google.com/github/{self.github_path}/blob/{self.ref}"
+            f"/lessons/{lesson_id}/{notebook}.ipynb"
+        )
+
+    def pip_spec(self) -> str:
+        return f"{self.package} @ git+{self.repository}@{self.ref}"
+
+    # --- lessons --------------------------------------------------------------------------
+    @cached_property
+    def lessons(self) -> list[Lesson]:
+        """The curriculum from course.toml, each with the notebooks found in solutions/."""
+        lessons = []
+        known = set()
+        for entry in self.config.get("lessons", []):
+            folder = self.solutions_dir / entry["id"]
+            notebooks = tuple(sorted(p.stem for p in folder.glob("*.ipynb"))) if folder.is_dir() else ()
+            lessons.append(Lesson(entry["id"], entry["title"], entry.get("builds", ""), notebooks))
+            known.add(entry["id"])
+        strays = sorted(p.name for p in self.solutions_dir.iterdir() if p.is_dir() and p.name not in known) \
+            if self.solutions_dir.is_dir() else []
+        if strays:
+            raise SystemExit(f"solutions/ has folders that course.toml does not list: {', '.join(strays)}")
+        return lessons
+
+    @property
+    def built_lessons(self) -> list[Lesson]:
+        return [lesson for lesson in self.lessons if lesson.built]
+
+    def lesson(self, lesson_id: str) -> Lesson | None:
+        return next((lesson for lesson in self.built_lessons if lesson.id == lesson_id), None)
+
+    def lesson_for_notebook(self, notebook: str) -> Lesson | None:
+        """The built lesson that owns a notebook name (names are unique across the course)."""
+        return next((lesson for lesson in self.built_lessons if notebook in lesson.notebooks), None)
+
+    def source_notebook(self, lesson: Lesson, notebook: str) -> Path:
+        return self.solutions_dir / lesson.id / f"{notebook}.ipynb"
+
+    def release_notebook(self, lesson: Lesson, notebook: str) -> Path:
+        return self.lessons_dir / lesson.id / f"{notebook}.ipynb"

@@ -1,0 +1,172 @@
+"""`generate`: the student version in lessons/, from the one source in solutions/.
+
+Three things follow from course.toml and solutions/, and nothing else writes them:
+- each solution notebook's Colab badge cell and setup cell (tagged `course:badge` and
+  `course:setup`), so that a classroom fork changes its repository URL once;
+- the lesson table in README.md, between its BEGIN/END LESSON TABLE markers;
+- lessons/, produced by nbgrader generate_assignment.
+
+`drift()` answers, without writing anything, where the repository differs from what
+`generate` would write.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import shutil
+import tempfile
+from pathlib import Path
+
+import nbformat
+
+from .course import Course, Lesson
+from .workspace import Workspace
+
+BADGE_TAG = "course:badge"
+SETUP_TAG = "course:setup"
+TABLE_BEGIN = "<!-- BEGIN LESSON TABLE (written by `python -m autograder generate`) -->"
+TABLE_END = "<!-- END LESSON TABLE -->"
+
+SETUP_TEMPLATE = '''\
+# Setup: run this cell first. It works locally and in Google Colab.
+# In Colab it installs the course package (fedcourse) from the course repository;
+# locally, `make lab` has installed it already.
+import os, subprocess, sys
+
+if "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ:
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
+                    "{pip_spec}"], check=True)
+
+try:
+    import fedcourse
+except ModuleNotFoundError:
+    raise ModuleNotFoundError(
+        "The course package fedcourse is not installed in this kernel. Start Jupyter with "
+        "`make lab` from the course repository, or run: pip install \\"{pip_spec}\\"") from None
+print(f"fedcourse {{fedcourse.__version__}} is ready")'''
+
+
+def badge_markdown(course: Course, lesson: Lesson, notebook: str) -> str:
+    return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+            f"({course.colab_url(lesson.id, notebook)})")
+
+
+def setup_source(course: Course) -> str:
+    return SETUP_TEMPLATE.format(pip_spec=course.pip_spec())
+
+
+def _tagged(nb: nbformat.NotebookNode, tag: str) -> list[nbformat.NotebookNode]:
+    return [cell for cell in nb.cells if tag in cell.get("metadata", {}).get("tags", [])]
+
+
+def sync_notebook(course: Course, lesson: Lesson, notebook: str, write: bool) -> list[str]:
+    """Render the badge and setup cells of one solution notebook; return what was stale."""
+    path = course.source_notebook(lesson, notebook)
+    nb = nbformat.read(path, as_version=4)
+    stale = []
+    for tag, text in ((BADGE_TAG, badge_markdown(course, lesson, notebook)), (SETUP_TAG, setup_source(course))):
+        cells = _tagged(nb, tag)
+        if len(cells) != 1:
+            raise SystemExit(f"{path}: needs exactly one cell tagged {tag!r}, found {len(cells)}")
+        if cells[0].source != text:
+            cells[0].source = text
+            stale.append(f"{path.relative_to(course.root)}: cell {tag!r} is out of date with course.toml")
+    if stale and write:
+        nbformat.write(nb, path)
+    return stale
+
+
+def lesson_table(course: Course) -> str:
+    rows = ["| # | lesson | what you build | open |", "|---|---|---|---|"]
+    for lesson in course.lessons:
+        number = lesson.id.split("-", 1)[0]
+        if lesson.built:
+            links = " ".join(
+                f"[{nb}.ipynb](lessons/{lesson.id}/{nb}.ipynb) {badge_markdown(course, lesson, nb)}"
+                for nb in lesson.notebooks)
+            rows.append(f"| {number} | **{lesson.title}** | {lesson.builds} | {links} |")
+        else:
+            rows.append(f"| {number} | {lesson.title} | {lesson.builds} | coming soon |")
+    return "\n".join(rows)
+
+
+def sync_readme(course: Course, write: bool) -> list[str]:
+    text = course.readme.read_text()
+    if TABLE_BEGIN not in text or TABLE_END not in text:
+        raise SystemExit(f"README.md must contain the lesson table markers:\n{TABLE_BEGIN}\n{TABLE_END}")
+    head, rest = text.split(TABLE_BEGIN, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    new = f"{head}{TABLE_BEGIN}\n{lesson_table(course)}\n{TABLE_END}{tail}"
+    if new == text:
+        return []
+    if write:
+        course.readme.write_text(new)
+    return ["README.md: the lesson table is out of date with course.toml and solutions/"]
+
+
+def build_release(course: Course, out_dir: Path) -> None:
+    """nbgrader generate_assignment for every built lesson; releases copied to out_dir/<id>/."""
+    with Workspace(course) as ws:
+        for lesson in course.built_lessons:
+            ws.generate(lesson)
+            shutil.copytree(ws.release_dir(lesson), out_dir / lesson.id)
+
+
+def _tree_differences(expected: Path, actual: Path) -> list[str]:
+    differences = []
+    expected_files = {p.relative_to(expected) for p in expected.rglob("*") if p.is_file()}
+    actual_files = {p.relative_to(actual) for p in actual.rglob("*") if p.is_file()
+                    } if actual.is_dir() else set()
+    for rel in sorted(expected_files - actual_files):
+        differences.append(f"lessons/{rel} is missing")
+    for rel in sorted(actual_files - expected_files):
+        differences.append(f"lessons/{rel} is not generated from solutions/")
+    for rel in sorted(expected_files & actual_files):
+        if not filecmp.cmp(expected / rel, actual / rel, shallow=False):
+            differences.append(f"lessons/{rel} differs from what solutions/ generates")
+    return differences
+
+
+def drift(course: Course) -> list[str]:
+    """Everything `generate` would change, as sentences; empty when all is in step."""
+    problems = []
+    for lesson in course.built_lessons:
+        for notebook in lesson.notebooks:
+            problems += sync_notebook(course, lesson, notebook, write=False)
+    problems += sync_readme(course, write=False)
+    with tempfile.TemporaryDirectory(prefix="release-") as tmp:
+        # Generate from the synced sources, as `generate` would, without touching solutions/.
+        fresh = Course(_synced_copy(course, Path(tmp) / "repo"))
+        build_release(fresh, Path(tmp) / "lessons")
+        problems += _tree_differences(Path(tmp) / "lessons", course.lessons_dir)
+    return problems
+
+
+def _synced_copy(course: Course, dest: Path) -> Path:
+    dest.mkdir(parents=True)
+    shutil.copy(course.config_path, dest / "course.toml")
+    shutil.copytree(course.solutions_dir, dest / "solutions",
+                    ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+    copy = Course(dest)
+    for lesson in copy.built_lessons:
+        for notebook in lesson.notebooks:
+            sync_notebook(copy, lesson, notebook, write=True)
+    return dest
+
+
+def generate(course: Course) -> list[str]:
+    """Bring badges, setup cells, the README table and lessons/ in step; return what changed."""
+    changed = []
+    for lesson in course.built_lessons:
+        for notebook in lesson.notebooks:
+            changed += sync_notebook(course, lesson, notebook, write=True)
+    changed += sync_readme(course, write=True)
+    with tempfile.TemporaryDirectory(prefix="release-") as tmp:
+        build_release(course, Path(tmp))
+        differences = _tree_differences(Path(tmp), course.lessons_dir)
+        if differences:
+            if course.lessons_dir.exists():
+                shutil.rmtree(course.lessons_dir)
+            shutil.copytree(Path(tmp), course.lessons_dir)
+        changed += differences
+    return changed

@@ -1,0 +1,16 @@
+"""fedcourse: the support library every lesson of Private Federated Learning imports.
+
+Modules, by what a lesson needs:
+
+- ``fedcourse.mnist``        MNIST: IDX reader, the embedded sample and the full download
+- ``fedcourse.partition``    splitting a data set across clients (IID, shards, Dirichlet, quantity skew)
+- ``fedcourse.models``       the course's models (tutorial CNN, McMahan CNN and 2NN, logistic regression)
+- ``fedcourse.training``     seeding, device choice, train and evaluate loops
+- ``fedcourse.plots``        the plots lessons share
+- ``fedcourse.aggregation``  reference implementations of aggregation steps (lesson 00 onwards)
+- ``fedcourse.environment``  the environment report lesson 00 prints
+
+Lessons import the submodule they need, e.g. ``from fedcourse.mnist import load_mnist``.
+"""
+
+__version__ = "0.1.0"
