@@ -215,24 +215,29 @@ def _locked_cell_changes(submitted: nbformat.NotebookNode, *originals: Path) -> 
     return notes
 
 
-def _error_summary(cell: nbformat.NotebookNode) -> str | None:
-    for output in cell.get("outputs", []):
-        if output.get("output_type") == "error":
-            evalue = str(output.get("evalue", "")).strip()
-            message = f"{output.get('ename', 'Error')}: {evalue}" if evalue else str(output.get("ename"))
-            message = " ".join(message.split())
-            return message if len(message) <= 300 else message[:297] + "..."
+def _error_summary(cell: nbformat.NotebookNode, cell_timeout: int) -> str | None:
+    errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    if any(o.get("ename") == "CellTimeoutError" for o in errors):
+        return f"timed out after {cell_timeout} s and was interrupted"
+    for output in errors:
+        evalue = str(output.get("evalue", "")).strip()
+        message = f"{output.get('ename', 'Error')}: {evalue}" if evalue else str(output.get("ename"))
+        message = " ".join(message.split())
+        return message if len(message) <= 300 else message[:297] + "..."
     return None
 
 
-def _nbgrader_failure(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.strip()]
-    if any("DeadKernelError" in line or "Kernel died" in line or "kernel died" in line for line in lines):
-        return "the kernel died while running the notebook (for example os._exit, a crash or running out of memory); cells after that point were not graded"
-    if any("UnresponsiveKernel" in line or "became unresponsive" in line for line in lines):
-        return "the kernel stopped responding and could not be interrupted; the notebook could not be graded"
-    interesting = [line for line in lines if "Error" in line or "error" in line][-3:] or lines[-3:]
-    return "nbgrader could not grade the notebook: " + " | ".join(line.strip() for line in interesting)
+def _nbgrader_failure(output: str, cell_timeout: int) -> str:
+    """One sentence on why nbgrader gave up, from its error log."""
+    if "DeadKernelError" in output:
+        return ("the kernel died while running the notebook (os._exit, a crash, or running out of "
+                "memory?); it was not graded further and scores 0")
+    if "CellTimeoutError" in output or "UnresponsiveKernelError" in output:
+        return (f"a cell ran past the {cell_timeout} s limit and did not stop when interrupted "
+                "(an endless loop that catches KeyboardInterrupt?); the notebook could not be graded and scores 0")
+    errors = [line.strip() for line in output.splitlines()
+              if re.match(r"^\s*[\w.]+(Error|Exception)\b", line) or "| ERROR]" in line]
+    return "nbgrader could not grade the notebook: " + (" | ".join(errors[-3:]) or "no error message")
 
 
 def _scores_from_gradebook(ws: Workspace, student: str, sub: Submission) -> dict[str, tuple[float, float]]:
@@ -279,31 +284,33 @@ def grade_notebook(ws: Workspace, student: str, sub: Submission, feedback_dir: P
             f"grading stopped after {ws.notebook_timeout} s: the notebook never finished "
             "(an endless loop that ignores interrupts?); it scores what the gradebook recorded, if anything")
     elif run.returncode != 0:
-        result.errors.append(_nbgrader_failure(run.output))
+        result.errors.append(_nbgrader_failure(run.output, ws.cell_timeout))
 
     scores = _scores_from_gradebook(ws, student, sub)
     autograded_path = ws.autograded_notebook(student, sub.lesson, sub.notebook)
     graded_nb = nbformat.read(autograded_path, as_version=4) if autograded_path.is_file() else None
     by_id = {}
+    timed_out = []
     if graded_nb is not None:
         for number, cell in enumerate(graded_nb.cells, start=1):
             grade_id = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
             if grade_id:
                 by_id[grade_id] = cell
-            raised = _error_summary(cell)
+            raised = _error_summary(cell, ws.cell_timeout)
             if raised:
                 result.cell_errors.append(f"cell {number} ({grade_id or cell.get('id', '?')}): {raised}")
-            for output in cell.get("outputs", []):
-                if output.get("output_type") == "error" and output.get("ename") == "CellTimeoutError":
-                    result.errors.append(
-                        f"cell {grade_id or '(ungraded)'} timed out after {ws.cell_timeout} s and was "
-                        "interrupted (an endless loop?); later cells still ran")
+            if raised and raised.startswith("timed out"):
+                timed_out.append(grade_id or f"cell {number}")
+    if timed_out:
+        result.errors.append(
+            f"{len(timed_out)} cell(s) ran past the {ws.cell_timeout} s limit and were interrupted "
+            f"(an endless loop?): {', '.join(timed_out)}; the other cells still ran")
 
     for cell in result.cells:
         score, maximum = scores.get(cell.grade_id, (0.0, cell.max_score))
         cell.score, cell.max_score = score, maximum
         if score < maximum and cell.grade_id in by_id:
-            cell.message = _error_summary(by_id[cell.grade_id])
+            cell.message = _error_summary(by_id[cell.grade_id], ws.cell_timeout)
     result.score = sum(cell.score for cell in result.cells)
     result.max_score = sum(cell.max_score for cell in result.cells)
 
@@ -316,7 +323,7 @@ def grade_notebook(ws: Workspace, student: str, sub: Submission, feedback_dir: P
             shutil.copyfile(html, destination)
             result.feedback = str(destination)
         else:
-            result.errors.append("feedback could not be generated: " + _nbgrader_failure(made.output))
+            result.errors.append("feedback could not be generated: " + _nbgrader_failure(made.output, ws.cell_timeout))
     return result
 
 

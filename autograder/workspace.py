@@ -104,7 +104,7 @@ class Workspace:
         # also when it is used as .venv/bin/python without being activated.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nbgrader", *args, "--debug" if os.environ.get("AUTOGRADER_DEBUG") else "--quiet"],
+            [sys.executable, "-m", "nbgrader", *args, "--debug" if os.environ.get("AUTOGRADER_DEBUG") else "--log-level=ERROR"],
             cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         )

@@ -1,0 +1,59 @@
+"""fedcourse.aggregation.weighted_average (the reference later lessons use) and fedcourse.checks."""
+
+import pytest
+import torch
+
+from fedcourse.aggregation import weighted_average
+from fedcourse.checks import check_close, expect_raises
+
+
+def test_weighted_average_of_tensors_and_dicts():
+    a, b = torch.tensor([0.0, 0.0]), torch.tensor([4.0, 8.0])
+    assert torch.allclose(weighted_average([a, b], [1, 3]), torch.tensor([3.0, 6.0]))
+    result = weighted_average([{"w": a}, {"w": b}], torch.tensor([2, 6]))
+    assert torch.allclose(result["w"], torch.tensor([3.0, 6.0]))
+
+
+def test_weighted_average_keeps_inputs_and_averages_integers_into_floats():
+    a, b = torch.tensor([1, 2]), torch.tensor([2, 3])
+    result = weighted_average([a, b], [1, 1])
+    assert result.dtype == torch.float32 and torch.allclose(result, torch.tensor([1.5, 2.5]))
+    assert torch.equal(a, torch.tensor([1, 2]))
+    assert weighted_average([torch.ones(2, dtype=torch.float64)] * 2, [1, 1]).dtype == torch.float64
+
+
+@pytest.mark.parametrize("values, weights, fragment", [
+    ([], [], "empty"),
+    ([torch.ones(2)], [1, 2], "1 values but 2 weights"),
+    ([torch.ones(2)] * 2, [0, 0], "sum to zero"),
+    ([torch.ones(2)] * 2, [1, -1], "non-negative"),
+    ([torch.ones(1), torch.ones(3)], [1, 1], "different shapes"),
+    ([{"a": torch.ones(1)}, {"b": torch.ones(1)}], [1, 1], "same keys"),
+])
+def test_weighted_average_rejects_bad_input(values, weights, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        weighted_average(values, weights)
+
+
+def test_check_close_explains_a_mismatch():
+    check_close(torch.tensor([1.0]), [1.0], "same")
+    with pytest.raises(AssertionError, match="the thing: expected shape"):
+        check_close(torch.ones(2), [1.0], "the thing")
+    with pytest.raises(AssertionError, match=r"entry 'w'"):
+        check_close({"w": torch.ones(1)}, {"w": [2.0]}, "dicts")
+
+
+def test_expect_raises_names_what_went_wrong():
+    def fails(x):
+        raise ZeroDivisionError("boom")
+
+    def stub(x):
+        raise NotImplementedError()
+
+    assert isinstance(expect_raises(ZeroDivisionError, fails, 1, because="always"), ZeroDivisionError)
+    with pytest.raises(AssertionError, match="should raise ValueError when x, but it raised ZeroDivisionError"):
+        expect_raises(ValueError, fails, 1, because="when x")
+    with pytest.raises(AssertionError, match="not implemented yet"):
+        expect_raises(ValueError, stub, 1, because="when x")
+    with pytest.raises(AssertionError, match="returned normally"):
+        expect_raises(ValueError, abs, 1, because="when x")
