@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             _say("autograder: --out must be outside the course repository (grading never writes into it)")
             return 2
         results = []
+        # Results of an earlier run into the same folder must not outlive it.
+        for stale in (out / "results", out / "feedback"):
+            shutil.rmtree(stale, ignore_errors=True)
         with Workspace(course, args.cell_timeout, args.notebook_timeout) as ws:
             for folder in sorted(p for p in args.submissions.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 try:

@@ -158,7 +158,8 @@ def collect(course: Course, path: Path) -> tuple[list[Submission], list[Notebook
                     problems.append(NotebookResult(
                         assignment=child.name, notebook="?",
                         errors=[f"unexpected folder {child.name!r} (not graded): lesson folders are "
-                                + ", ".join(lesson.id for lesson in course.built_lessons)]))
+                                + ", ".join(lesson.id for lesson in course.built_lessons)
+                                + " (to grade a class, one folder per student, use grade-all)"]))
             elif child.suffix == ".ipynb":
                 loose_notebook(child)
         if not submissions and not problems:

@@ -18,6 +18,15 @@ from conftest import EXAMPLES, LESSON00, REPO, read_json, run_autograder, submis
 
 CELL_TIMEOUT = 4
 NOTEBOOK_TIMEOUT = 90
+LENIENT = """def weighted_average(values, weights):
+    total = float(sum(weights))
+    if total == 0:
+        raise ValueError("the weights sum to zero")
+    if isinstance(values[0], dict):
+        return {k: weighted_average([v[k] for v in values], weights) for k in values[0]}
+    if len({len(v) for v in values}) > 1:
+        raise ValueError("the tensors have different lengths")
+    return sum(float(w) / total * v for w, v in zip(weights, values))"""
 GRADE_IDS = ["test_weighted_average_tensors", "test_weighted_average_dicts",
              "test_weighted_average_zero_weight", "test_weighted_average_shapes"]
 
@@ -45,6 +54,8 @@ def graded_class(tmp_path_factory):
         "import time\ndef weighted_average(values, weights):\n    while True:\n"
         "        try:\n            time.sleep(0.05)\n        except KeyboardInterrupt:\n            pass"))
     _put(submissions, "crasher", submission_with("import os\nos._exit(1)"))
+    # Passes every visible test, but compares only the first dimension of the shapes.
+    _put(submissions, "lenient", submission_with(LENIENT))
     # Tampering: bob's unweighted mean, with the test it fails blanked out and another deleted.
     tampered = nbformat.read(EXAMPLES / "bob" / LESSON00 / "orientation.ipynb", as_version=4)
     for cell in tampered.cells:
@@ -79,7 +90,7 @@ def only_notebook(data: dict) -> dict:
 def test_the_class_is_graded_and_the_command_succeeds(graded_class):
     result = graded_class["result"]
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ["alice", "badjson", "missing", "wrongname", "looper", "stubborn", "crasher", "tamperer"]:
+    for name in ["alice", "badjson", "missing", "wrongname", "looper", "stubborn", "crasher", "tamperer", "lenient"]:
         assert (graded_class["out"] / "results" / f"{name}.json").is_file(), name
 
 
@@ -149,6 +160,16 @@ def test_edited_and_deleted_tests_are_restored_and_run(graded_class):
                       "test_weighted_average_zero_weight": 1, "test_weighted_average_shapes": 1}
     assert "test cell 'test_weighted_average_tensors' was edited; the original was restored and run" in nb["errors"]
     assert "test cell 'test_weighted_average_dicts' was deleted; the original was restored and run" in nb["errors"]
+
+
+def test_hidden_tests_are_run_when_grading(graded_class):
+    nb = only_notebook(student(graded_class, "lenient"))
+    scores = {cell["grade_id"]: cell for cell in nb["cells"]}
+    assert nb["score"] == 4, nb
+    assert scores["test_weighted_average_shapes"]["score"] == 0
+    # the visible test (shapes 2 and 3) passes; a hidden one (3, 1) vs (3, 4) fails
+    assert "(3, 1) and (3, 4)" in scores["test_weighted_average_shapes"]["message"]
+    assert nb["errors"] == []
 
 
 def test_grades_csv_and_feedback_are_written_outside_the_repo(graded_class):
