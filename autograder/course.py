@@ -48,6 +48,9 @@ class Course:
         self.config_path = self.root / "course.toml"
         with open(self.config_path, "rb") as f:
             self.config = tomllib.load(f)
+        missing = [key for key in ("id", "repository", "ref", "package") if key not in self.config.get("course", {})]
+        if missing:
+            raise SystemExit(f"{self.config_path}: the [course] table needs {', '.join(missing)}")
 
     # --- layout ---------------------------------------------------------------------------
     @property
@@ -66,10 +69,6 @@ class Course:
     @property
     def course_id(self) -> str:
         return self.config["course"]["id"]
-
-    @property
-    def title(self) -> str:
-        return self.config["course"]["title"]
 
     @property
     def repository(self) -> str:

@@ -127,40 +127,37 @@ def _tree_differences(expected: Path, actual: Path) -> list[str]:
     return differences
 
 
-def drift(course: Course) -> list[str]:
-    """Everything `generate` would change, as sentences; empty when all is in step."""
-    problems = []
+def sync_sources(course: Course, write: bool) -> list[str]:
+    """Badges and setup cells of every solution, and the README table (see module docstring)."""
+    stale = []
     for lesson in course.built_lessons:
         for notebook in lesson.notebooks:
-            problems += sync_notebook(course, lesson, notebook, write=False)
-    problems += sync_readme(course, write=False)
+            stale += sync_notebook(course, lesson, notebook, write)
+    if course.readme.exists():
+        stale += sync_readme(course, write)
+    return stale
+
+
+def drift(course: Course) -> list[str]:
+    """Everything `generate` would change, as sentences; empty when all is in step."""
+    problems = sync_sources(course, write=False)
     with tempfile.TemporaryDirectory(prefix="release-") as tmp:
-        # Generate from the synced sources, as `generate` would, without touching solutions/.
-        fresh = Course(_synced_copy(course, Path(tmp) / "repo"))
+        # Generate from synced copies of the sources, as `generate` would, touching nothing here.
+        copy = Path(tmp) / "repo"
+        copy.mkdir()
+        shutil.copy(course.config_path, copy / "course.toml")
+        shutil.copytree(course.solutions_dir, copy / "solutions",
+                        ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+        fresh = Course(copy)
+        sync_sources(fresh, write=True)
         build_release(fresh, Path(tmp) / "lessons")
         problems += _tree_differences(Path(tmp) / "lessons", course.lessons_dir)
     return problems
 
 
-def _synced_copy(course: Course, dest: Path) -> Path:
-    dest.mkdir(parents=True)
-    shutil.copy(course.config_path, dest / "course.toml")
-    shutil.copytree(course.solutions_dir, dest / "solutions",
-                    ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
-    copy = Course(dest)
-    for lesson in copy.built_lessons:
-        for notebook in lesson.notebooks:
-            sync_notebook(copy, lesson, notebook, write=True)
-    return dest
-
-
 def generate(course: Course) -> list[str]:
     """Bring badges, setup cells, the README table and lessons/ in step; return what changed."""
-    changed = []
-    for lesson in course.built_lessons:
-        for notebook in lesson.notebooks:
-            changed += sync_notebook(course, lesson, notebook, write=True)
-    changed += sync_readme(course, write=True)
+    changed = sync_sources(course, write=True)
     with tempfile.TemporaryDirectory(prefix="release-") as tmp:
         build_release(course, Path(tmp))
         differences = _tree_differences(Path(tmp), course.lessons_dir)

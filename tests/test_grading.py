@@ -247,3 +247,27 @@ def test_grade_all_refuses_to_write_into_the_repository():
     assert result.returncode == 2
     assert "outside the course repository" in result.stderr
     assert not (REPO / "grades").exists()
+
+
+def test_grading_a_student_lessons_folder_from_outside_the_repository(tmp_path):
+    """What the grade-on-push workflow template does: the course's CLI, run from elsewhere."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    workflow = yaml.safe_load((REPO / "autograder" / "templates" / "grade-on-push.yml").read_text())
+    steps = " ".join(step.get("run", "") for step in workflow["jobs"]["grade"]["steps"])
+    assert "make -C course setup" in steps and "-m autograder grade submission/lessons" in steps
+
+    submission = tmp_path / "submission"
+    shutil.copytree(REPO / "lessons", submission / "lessons")
+    shutil.copytree(EXAMPLES / "alice" / LESSON00, submission / "lessons" / LESSON00, dirs_exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "COURSE_ROOT"}
+    result = subprocess.run([sys.executable, "-m", "autograder", "grade", "submission/lessons",
+                             "--student", "octocat", "--json", "grades.json"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = read_json(tmp_path / "grades.json")
+    assert (data["student"], data["total"], data["max_total"]) == ("octocat", 5, 5)
