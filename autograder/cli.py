@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from . import bench as bench_module
 from .course import Course
 from .generate import generate
-from .grading import grade_student, validate_student_id, write_json
+from .grading import StudentResult, grade_student, nothing_graded, validate_student_id, write_json
 from .report import class_table, student_table, write_grades_csv
 from .selfcheck import selfcheck
 from .workspace import DEFAULT_CELL_TIMEOUT, DEFAULT_NOTEBOOK_TIMEOUT, Workspace
@@ -68,6 +69,11 @@ def _default_student(path: Path, course: Course) -> str:
         return "student"
 
 
+def _inside(path: Path, root: Path) -> bool:
+    path = path.resolve()
+    return path == root or root in path.parents
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     course = Course()
@@ -81,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.path.exists():
             _say(f"autograder: no such file or folder: {args.path}")
             return 2
+        for output in (args.json, args.feedback):
+            if output is not None and _inside(output, course.root):
+                _say(f"autograder: {output} is inside the course repository; grading never writes "
+                     "there: choose a path outside it")
+                return 2
         student = args.student or _default_student(args.path, course)
         try:
             validate_student_id(student)
@@ -100,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"autograder: not a folder: {args.submissions}")
             return 2
         out = args.out.resolve()
-        if out == course.root or course.root in out.parents:
+        if _inside(out, course.root):
             _say("autograder: --out must be outside the course repository (grading never writes into it)")
             return 2
         results = []
@@ -112,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     validate_student_id(folder.name)
                 except ValueError as exc:
-                    _say(f"skipping {folder}: {exc}")
-                    continue
-                result = grade_student(ws, folder.name, folder, out / "feedback", progress=_say)
-                write_json(result, out / "results" / f"{folder.name}.json")
+                    _say(f"not grading {folder}: {exc}")
+                    result = StudentResult(folder.name, nothing_graded(course, f"not graded: {exc}"))
+                    write_json(result, out / "results" / f"{re.sub(r'[^A-Za-z0-9_.@-]', '_', folder.name)}.json")
+                else:
+                    result = grade_student(ws, folder.name, folder, out / "feedback", progress=_say)
+                    write_json(result, out / "results" / f"{folder.name}.json")
                 results.append(result)
         for result in results:
             print(student_table(result) + "\n")
@@ -135,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "bench":
+        unknown = sorted(set(args.lesson or []) - {lesson.id for lesson in course.built_lessons})
+        if unknown:
+            _say(f"autograder: no such built lesson: {', '.join(unknown)}")
+            return 2
         results = bench_module.bench(course, args.lesson)
         print(bench_module.table(results, args.budget))
         failed = [r for r in results if r.verdict(args.budget) != "ok"]

@@ -108,6 +108,13 @@ def expected_names(course: Course) -> str:
     return ", ".join(f"{lesson.id}/{nb}.ipynb" for lesson in course.built_lessons for nb in lesson.notebooks)
 
 
+def nothing_graded(course: Course, error: str) -> list[NotebookResult]:
+    """Zero out of the full marks for every notebook of the course, with the reason."""
+    return [NotebookResult(assignment=lesson.id, notebook=notebook, max_score=max_score(course, lesson, notebook),
+                           errors=[error])
+            for lesson in course.built_lessons for notebook in lesson.notebooks]
+
+
 def collect(course: Course, path: Path) -> tuple[list[Submission], list[NotebookResult]]:
     """Find the notebooks to grade under `path`, and name what cannot be graded at all."""
     submissions: list[Submission] = []
@@ -163,8 +170,7 @@ def collect(course: Course, path: Path) -> tuple[list[Submission], list[Notebook
             elif child.suffix == ".ipynb":
                 loose_notebook(child)
         if not submissions and not problems:
-            problems.append(NotebookResult(assignment="?", notebook="?",
-                                           errors=[f"no notebooks found in {path}"]))
+            problems += nothing_graded(course, f"no notebooks found in {path.name}/")
     else:
         raise FileNotFoundError(f"no such file or folder: {path}")
     return submissions, problems

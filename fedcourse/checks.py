@@ -6,9 +6,12 @@ what came back and why it matters.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 
 import torch
+
+SHOW_ALL_UP_TO = 12  # values; larger tensors are summarised, not printed whole
 
 
 def check_close(actual, expected, what: str, atol: float = 1e-6, rtol: float = 1e-5) -> None:
@@ -27,7 +30,36 @@ def check_close(actual, expected, what: str, atol: float = 1e-6, rtol: float = 1
     if tuple(actual.shape) != tuple(expected.shape):
         raise AssertionError(f"{what}: expected shape {tuple(expected.shape)}, got {tuple(actual.shape)}")
     if not torch.allclose(actual.double(), expected.double(), atol=atol, rtol=rtol):
-        raise AssertionError(f"{what}:\n  expected {expected.tolist()}\n  got      {actual.tolist()}")
+        raise AssertionError(f"{what}:\n{_describe_difference(actual.double(), expected.double())}")
+
+
+def _describe_difference(actual: torch.Tensor, expected: torch.Tensor) -> str:
+    if expected.numel() <= SHOW_ALL_UP_TO:
+        return f"  expected {expected.tolist()}\n  got      {actual.tolist()}"
+    gap = (actual - expected).abs().nan_to_num(nan=float("inf"))
+    worst = tuple(int(i) for i in torch.unravel_index(gap.argmax(), gap.shape))
+    wrong = int((~torch.isclose(actual, expected)).sum())
+    return (f"  {wrong} of {expected.numel()} values differ; the largest difference is at index {worst}:"
+            f" expected {expected[worst].item():.6g}, got {actual[worst].item():.6g}")
+
+
+def check_own_work(func: Callable, reference: str = "fedcourse") -> None:
+    """Fail unless `func` was written in the notebook, not imported from the course's library.
+
+    The library carries reference implementations that later lessons build on; a graded
+    function that only forwards to one of them earns nothing.
+    """
+    name = getattr(func, "__name__", repr(func))
+    module = getattr(func, "__module__", None)
+    if module != "__main__":
+        raise AssertionError(f"{name} comes from {module}; write your own {name} in the cell above")
+    try:
+        source = inspect.getsource(func)
+    except (OSError, TypeError):
+        return
+    if reference in source:
+        raise AssertionError(f"{name} calls the course's reference implementation ({reference}); "
+                             "write your own in the cell above")
 
 
 def expect_raises(error: type[BaseException], func: Callable, *args, because: str, **kwargs) -> BaseException:

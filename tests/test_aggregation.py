@@ -57,3 +57,21 @@ def test_expect_raises_names_what_went_wrong():
         expect_raises(ValueError, stub, 1, because="when x")
     with pytest.raises(AssertionError, match="returned normally"):
         expect_raises(ValueError, abs, 1, because="when x")
+
+
+def test_check_close_summarises_large_tensors():
+    expected = torch.zeros(10, 784)
+    actual = expected.clone()
+    actual[3, 500] = 0.5
+    with pytest.raises(AssertionError) as info:
+        check_close(actual, expected, "big")
+    message = str(info.value)
+    assert "1 of 7840 values differ" in message and "(3, 500)" in message and "got 0.5" in message
+    assert len(message) < 300
+
+
+def test_check_own_work_rejects_the_library_reference():
+    from fedcourse.checks import check_own_work
+
+    with pytest.raises(AssertionError, match="comes from fedcourse.aggregation"):
+        check_own_work(weighted_average)

@@ -48,6 +48,8 @@ def graded_class(tmp_path_factory):
     shutil.copytree(EXAMPLES / "alice", submissions / "alice")
     _put(submissions, "badjson", '{"cells": [ this is not json')
     (submissions / "missing" / LESSON00).mkdir(parents=True)
+    (submissions / "empty").mkdir()
+    shutil.copytree(EXAMPLES / "alice", submissions / "bad name")
     _put(submissions, "wrongname", submission_with_correct(), name="orientation (1).ipynb")
     _put(submissions, "looper", submission_with("def weighted_average(values, weights):\n    while True:\n        pass"))
     _put(submissions, "stubborn", submission_with(
@@ -122,6 +124,21 @@ def test_a_missing_notebook_is_reported(graded_class):
     nb = only_notebook(student(graded_class, "missing"))
     assert (nb["score"], nb["max_score"]) == (0, 5)
     assert nb["errors"] == [f"missing notebook: {LESSON00}/orientation.ipynb was not submitted"]
+
+
+def test_an_empty_folder_scores_zero_of_the_full_marks(graded_class):
+    nb = only_notebook(student(graded_class, "empty"))
+    assert (nb["score"], nb["max_score"]) == (0, 5)
+    assert nb["errors"] == ["no notebooks found in empty/"]
+
+
+def test_a_folder_with_an_unusable_student_id_is_listed_not_dropped(graded_class):
+    data = student(graded_class, "bad_name")
+    assert data["student"] == "bad name" and data["total"] == 0
+    nb = only_notebook(data)
+    assert nb["max_score"] == 5 and "not graded: student id 'bad name' is not usable" in nb["errors"][0]
+    with open(graded_class["out"] / "grades.csv") as f:
+        assert any(row["student"] == "bad name" for row in csv.DictReader(f))
 
 
 def test_an_unexpected_file_name_is_reported_not_guessed(graded_class):
@@ -240,6 +257,14 @@ def test_grade_rejects_an_unusable_student_id(tmp_path):
     result = run_autograder("grade", str(path), "--student", "../../etc")
     assert result.returncode == 2
     assert "student id" in result.stderr
+
+
+def test_grade_refuses_to_write_into_the_repository():
+    path = EXAMPLES / "bob" / LESSON00 / "orientation.ipynb"
+    for option, target in (("--json", REPO / "ada.json"), ("--feedback", REPO / "feedback")):
+        result = run_autograder("grade", str(path), option, str(target))
+        assert result.returncode == 2 and "inside the course repository" in result.stderr
+        assert not target.exists()
 
 
 def test_grade_all_refuses_to_write_into_the_repository():

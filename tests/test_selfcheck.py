@@ -9,8 +9,14 @@ import nbformat
 from conftest import LESSON00, copy_course, run_autograder
 
 CORRECT_BODY = '''def weighted_average(values, weights):
-    from fedcourse.aggregation import weighted_average as reference
-    return reference(values, weights)'''
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    if weights.sum() == 0:
+        raise ValueError("the weights sum to zero")
+    if isinstance(values[0], dict):
+        return {k: weighted_average([v[k] for v in values], weights) for k in values[0]}
+    if len({tuple(v.shape) for v in values}) > 1:
+        raise ValueError("different shapes")
+    return sum(float(w) * v.double() for w, v in zip(weights / weights.sum(), values)).float()'''
 
 
 def _cell(nb, grade_id):
@@ -84,6 +90,11 @@ def test_the_release_strips_solutions_and_hidden_tests(repo):
     assert "BEGIN SOLUTION" not in text and "BEGIN HIDDEN TESTS" not in text
     assert "raise NotImplementedError()" in _cell(release, "weighted_average").source
     assert "sizes = [10, 0, 250, 40]" not in text  # a hidden test's data
+
+
+def test_bench_rejects_an_unknown_lesson():
+    result = run_autograder("bench", "--lesson", "00-orientaton")
+    assert result.returncode == 2 and "no such built lesson: 00-orientaton" in result.stderr
 
 
 def test_bench_reports_time_and_memory_within_budget():
