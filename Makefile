@@ -30,7 +30,7 @@ grade: $(STAMP)
 
 ## JupyterLab on the student version of the lessons
 lab: $(STAMP)
-	$(BIN)/jupyter lab lessons/
+	$(BIN)/jupyter lab lessons/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 selfcheck: $(STAMP)
 	$(BIN)/python -m autograder selfcheck
