@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -11,7 +10,8 @@ from pathlib import Path
 from . import bench as bench_module
 from .course import Course
 from .generate import generate
-from .grading import StudentResult, grade_student, nothing_graded, validate_student_id, write_json
+from .grading import (StudentResult, grade_student, nothing_graded, results_file_name, validate_student_id,
+                      write_json)
 from .report import class_table, student_table, write_grades_csv
 from .selfcheck import selfcheck
 from .workspace import DEFAULT_CELL_TIMEOUT, DEFAULT_NOTEBOOK_TIMEOUT, Workspace
@@ -125,10 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                 except ValueError as exc:
                     _say(f"not grading {folder}: {exc}")
                     result = StudentResult(folder.name, nothing_graded(course, f"not graded: {exc}"))
-                    write_json(result, out / "results" / f"{re.sub(r'[^A-Za-z0-9_.@-]', '_', folder.name)}.json")
                 else:
                     result = grade_student(ws, folder.name, folder, out / "feedback", progress=_say)
-                    write_json(result, out / "results" / f"{folder.name}.json")
+                write_json(result, out / "results" / results_file_name(folder.name))
                 results.append(result)
         for result in results:
             print(student_table(result) + "\n")
@@ -148,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "bench":
-        unknown = sorted(set(args.lesson or []) - {lesson.id for lesson in course.built_lessons})
+        unknown = course.unknown_lessons(args.lesson)
         if unknown:
             _say(f"autograder: no such built lesson: {', '.join(unknown)}")
             return 2

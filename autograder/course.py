@@ -123,6 +123,10 @@ class Course:
     def built_lessons(self) -> list[Lesson]:
         return [lesson for lesson in self.lessons if lesson.built]
 
+    def unknown_lessons(self, lesson_ids: list[str] | None) -> list[str]:
+        """The ids among `lesson_ids` that name no built lesson (a typo, or a lesson to come)."""
+        return sorted(set(lesson_ids or []) - {lesson.id for lesson in self.built_lessons})
+
     def lesson(self, lesson_id: str) -> Lesson | None:
         return next((lesson for lesson in self.built_lessons if lesson.id == lesson_id), None)
 

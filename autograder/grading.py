@@ -20,6 +20,7 @@ from .course import Course, Lesson
 from .workspace import Workspace
 
 STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$")
+NOT_IN_STUDENT_ID = re.compile(r"[^A-Za-z0-9_.@-]")
 
 
 @dataclass
@@ -76,6 +77,11 @@ class Submission:
     lesson: Lesson
     notebook: str
     path: Path
+
+
+def results_file_name(student: str) -> str:
+    """A JSON file name for any folder name, also one that is not a usable student id."""
+    return NOT_IN_STUDENT_ID.sub("_", student) + ".json"
 
 
 def validate_student_id(student: str) -> str:
@@ -222,9 +228,14 @@ def _locked_cell_changes(submitted: nbformat.NotebookNode, *originals: Path) -> 
     return notes
 
 
+def _timed_out(cell: nbformat.NotebookNode) -> bool:
+    return any(o.get("output_type") == "error" and o.get("ename") == "CellTimeoutError"
+               for o in cell.get("outputs", []))
+
+
 def _error_summary(cell: nbformat.NotebookNode, cell_timeout: int) -> str | None:
     errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
-    if any(o.get("ename") == "CellTimeoutError" for o in errors):
+    if _timed_out(cell):
         return f"timed out after {cell_timeout} s and was interrupted"
     for output in errors:
         evalue = str(output.get("evalue", "")).strip()
@@ -296,17 +307,17 @@ def grade_notebook(ws: Workspace, student: str, sub: Submission, feedback_dir: P
     scores = _scores_from_gradebook(ws, student, sub)
     autograded_path = ws.autograded_notebook(student, sub.lesson, sub.notebook)
     graded_nb = nbformat.read(autograded_path, as_version=4) if autograded_path.is_file() else None
-    by_id = {}
+    raised_by_id: dict[str, str] = {}
     timed_out = []
     if graded_nb is not None:
         for number, cell in enumerate(graded_nb.cells, start=1):
             grade_id = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
-            if grade_id:
-                by_id[grade_id] = cell
             raised = _error_summary(cell, ws.cell_timeout)
             if raised:
                 result.cell_errors.append(f"cell {number} ({grade_id or cell.get('id', '?')}): {raised}")
-            if raised and raised.startswith("timed out"):
+                if grade_id:
+                    raised_by_id[grade_id] = raised
+            if _timed_out(cell):
                 timed_out.append(grade_id or f"cell {number}")
     if timed_out:
         result.errors.append(
@@ -316,8 +327,8 @@ def grade_notebook(ws: Workspace, student: str, sub: Submission, feedback_dir: P
     for cell in result.cells:
         score, maximum = scores.get(cell.grade_id, (0.0, cell.max_score))
         cell.score, cell.max_score = score, maximum
-        if score < maximum and cell.grade_id in by_id:
-            cell.message = _error_summary(by_id[cell.grade_id], ws.cell_timeout)
+        if score < maximum:
+            cell.message = raised_by_id.get(cell.grade_id)
     result.score = sum(cell.score for cell in result.cells)
     result.max_score = sum(cell.max_score for cell in result.cells)
 

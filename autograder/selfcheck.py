@@ -19,9 +19,9 @@ def check_lessons(course: Course, lesson_ids: list[str] | None = None, cell_time
     problems: list[str] = []
     results: list[StudentResult] = []
     lessons = [lesson for lesson in course.built_lessons if not lesson_ids or lesson.id in lesson_ids]
-    unknown = set(lesson_ids or []) - {lesson.id for lesson in lessons}
+    unknown = course.unknown_lessons(lesson_ids)
     if unknown:
-        problems.append(f"no such built lesson: {', '.join(sorted(unknown))}")
+        problems.append(f"no such built lesson: {', '.join(unknown)}")
     with Workspace(course, cell_timeout=cell_timeout) as ws:
         for lesson in lessons:
             solution = grade_student(ws, "solution", course.solutions_dir / lesson.id, progress=progress)
