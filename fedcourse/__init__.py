@@ -9,6 +9,8 @@ Modules, by what a lesson needs:
 - ``fedcourse.plots``        the plots lessons share
 - ``fedcourse.aggregation``  reference implementations of aggregation steps (lesson 00 onwards)
 - ``fedcourse.environment``  the environment report lesson 00 prints
+- ``fedcourse.pointers``     reference mini-PySyft: workers, pointer tensors, remote ops and autograd, model send/get (lesson 01)
+- ``fedcourse.syft_compat``  the PySyft 0.2 names (``from fedcourse import syft_compat as sy``) over pointers and federated data
 
 Lessons import the submodule they need, e.g. ``from fedcourse.mnist import load_mnist``.
 """
