@@ -87,8 +87,8 @@ class PointerError(RuntimeError):
     """A pointer was used in a way that cannot work (already fetched, value needed locally ...)."""
 
 
-class PointerLocationError(PointerError):
-    """An operation mixed objects that live at different workers."""
+class PointerLocationError(PointerError, ValueError):
+    """An operation mixed objects that live at different workers (a ValueError, as in lesson 01)."""
 
 
 # --------------------------------------------------------------------------------------------
