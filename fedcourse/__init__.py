@@ -10,6 +10,7 @@ Modules, by what a lesson needs:
 - ``fedcourse.aggregation``  reference implementations of aggregation steps (lesson 00 onwards)
 - ``fedcourse.environment``  the environment report lesson 00 prints
 - ``fedcourse.pointers``     reference mini-PySyft: workers, pointer tensors, remote ops and autograd, model send/get (lesson 01)
+- ``fedcourse.federated_data`` federated data sets, the federated data loader and the send-train-get step (lesson 02)
 - ``fedcourse.syft_compat``  the PySyft 0.2 names (``from fedcourse import syft_compat as sy``) over pointers and federated data
 
 Lessons import the submodule they need, e.g. ``from fedcourse.mnist import load_mnist``.
