@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 
-from fedcourse.pointers import (PointerError, PointerLocationError, PointerTensor, TorchHook, VirtualWorker,
+from fedcourse.pointers import (PointerError, PointerLocationError, PointerTensor, TorchHook, VirtualWorker, local_worker,
                                 deserialize, serialize)
 
 hook = TorchHook(torch)
@@ -28,7 +28,7 @@ def alice():
 
 
 def test_the_hook_adds_send_and_a_local_worker():
-    assert hook.local_worker.id == "me"
+    assert local_worker().id == "me" and TorchHook(torch).local_worker is local_worker()
     assert callable(torch.Tensor.send) and callable(nn.Module.send) and callable(nn.Module.get)
 
 
@@ -48,7 +48,7 @@ def test_serialization_round_trips_values_dtype_grad_and_parameters():
 
 
 def test_send_stores_a_copy_and_counts_bytes_and_messages(bob):
-    me = hook.local_worker
+    me = local_worker()
     before_sent, before_messages = me.bytes_sent, me.messages_sent
     x = torch.arange(1000.0)
     ptr = x.send(bob)
@@ -64,7 +64,7 @@ def test_send_stores_a_copy_and_counts_bytes_and_messages(bob):
 
 def test_pointer_knows_both_ends_and_prints_the_classic_repr(bob):
     ptr = torch.tensor([1, 2, 3]).send(bob)
-    assert ptr.location is bob and ptr.owner is hook.local_worker
+    assert ptr.location is bob and ptr.owner is local_worker()
     assert re.fullmatch(rf"\(Wrapper\)>\[PointerTensor \| me:{ptr.id} -> bob:{ptr.id_at_location}\]", repr(ptr))
     assert ptr.shape == torch.Size([3]) and ptr.dtype == torch.int64
 
@@ -81,12 +81,12 @@ def test_get_returns_the_value_and_removes_it_from_the_worker(bob):
 
 def test_move_goes_straight_from_worker_to_worker(bob, alice):
     ptr = torch.arange(100.0).send(bob)
-    me_sent = hook.local_worker.bytes_sent
+    me_sent = local_worker().bytes_sent
     moved = ptr.move(alice)
     assert bob._objects == {} and list(alice._objects) == [moved.id_at_location]
     assert moved.location is alice
     assert bob.bytes_sent >= 400 and alice.bytes_received >= 400, "the values travel from bob to alice"
-    assert hook.local_worker.bytes_sent - me_sent < 200, "only the command travels from me"
+    assert local_worker().bytes_sent - me_sent < 200, "only the command travels from me"
     assert torch.equal(moved.get(), torch.arange(100.0))
 
 
@@ -124,7 +124,7 @@ def test_remote_execution_runs_at_the_location_and_returns_pointers(bob):
 
 def test_remote_ops_send_commands_not_values(bob):
     big = torch.randn(100_000).send(bob)
-    me = hook.local_worker
+    me = local_worker()
     sent, received = me.bytes_sent, me.bytes_received
     result = (big * 2 + 1).sum()
     assert me.bytes_sent - sent < 2000 and me.bytes_received - received < 1000

@@ -24,7 +24,7 @@ def test_part_1_send_a_tensor_to_bob_and_get_it_back():
     assert len(bob._objects) == 2
     assert x_ptr.location == bob
     assert x_ptr.id_at_location in bob._objects
-    assert x_ptr.owner == sy.local_worker() == hook.local_worker
+    assert x_ptr.owner is sy.local_worker() and x_ptr.owner.id == "me"
     assert str(x_ptr).startswith("(Wrapper)>[PointerTensor | me:") and "-> bob:" in str(x_ptr)
     z = x_ptr + y_ptr
     assert torch.equal(z.get(), torch.tensor([2, 3, 4, 5, 6]))
