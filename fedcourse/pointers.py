@@ -123,7 +123,26 @@ def _rebuild_tensor(state: tuple) -> torch.Tensor:
     return tensor
 
 
+# Classes (and functions) that pickle cannot find by name, e.g. a model class defined inside a
+# function. Code is not data: like PySyft, we assume every worker runs the same program, so such
+# an object travels as a name into this table rather than being refused.
+_UNNAMED_CODE: dict[str, Any] = {}
+
+
+def _findable_by_name(obj) -> bool:
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", "")
+    return bool(module) and "<locals>" not in qualname and "<lambda>" not in qualname
+
+
 class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, type) and not _findable_by_name(obj):
+            key = f"{obj.__module__}.{obj.__qualname__}@{id(obj)}"
+            _UNNAMED_CODE[key] = obj
+            return key
+        return None
+
     def reducer_override(self, obj):
         if type(obj) in (torch.Tensor, torch.nn.Parameter):
             return _rebuild_tensor, (_tensor_state(obj),)
@@ -140,9 +159,14 @@ def serialize(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+class _Unpickler(pickle.Unpickler):
+    def persistent_load(self, key):
+        return _UNNAMED_CODE[key]
+
+
 def deserialize(data: bytes) -> Any:
     """The object `serialize` packed: a fresh copy that shares nothing with the sender's."""
-    return pickle.loads(data)
+    return _Unpickler(io.BytesIO(data)).load()
 
 
 # --------------------------------------------------------------------------------------------

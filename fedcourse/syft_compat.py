@@ -10,24 +10,23 @@ Code written for the classic PySyft 0.2 tutorials runs with only its import line
     x_ptr = torch.tensor([1, 2, 3]).send(bob)
 
 Workers, pointers and the hook come from ``fedcourse.pointers`` (lesson 01); federated data sets
-and the federated data loader from ``fedcourse.federated_data`` (lesson 02).
+and the federated data loader from ``fedcourse.federated_data`` (lesson 02). As in PySyft 0.2,
+the hook also gives every ``torch.utils.data.Dataset`` a ``federate((bob, alice))`` method.
 """
 
-from fedcourse.pointers import (  # noqa: F401
-    PointerError,
-    PointerLocationError,
-    PointerTensor,
-    TorchHook,
-    VirtualWorker,
-    local_worker,
-)
-
-try:
-    from fedcourse.federated_data import BaseDataset, FederatedDataLoader, FederatedDataset  # noqa: F401
-except ImportError:  # lesson 02's module not there yet
-    pass
+from fedcourse import pointers as _pointers
+from fedcourse.federated_data import BaseDataset, FederatedDataLoader, FederatedDataset, hook_datasets
+from fedcourse.pointers import PointerError, PointerLocationError, PointerTensor, VirtualWorker, local_worker
 
 __all__ = [
     "TorchHook", "VirtualWorker", "PointerTensor", "PointerError", "PointerLocationError",
     "BaseDataset", "FederatedDataLoader", "FederatedDataset", "local_worker",
 ]
+
+
+class TorchHook(_pointers.TorchHook):
+    """``sy.TorchHook(torch)``: tensors and models learn ``send``, data sets learn ``federate``."""
+
+    def __init__(self, torch_module, *args, **kwargs):
+        super().__init__(torch_module, *args, **kwargs)
+        hook_datasets()

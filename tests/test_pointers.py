@@ -306,3 +306,19 @@ def test_several_steps_while_away_and_an_optimizer_made_after_send(bob):
     model.get()
     assert torch.allclose(model.weight, twin.weight, atol=1e-6)
     assert torch.allclose(model.weight.grad, twin.weight.grad, atol=1e-6), "zero_grad reached bob"
+
+
+def test_a_model_class_defined_inside_a_function_can_travel(bob):
+    class Local(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(2, 1)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    model = Local()
+    model.send(bob)
+    out = model(torch.ones(1, 2).send(bob))
+    model.get()
+    assert torch.allclose(out.get(), model(torch.ones(1, 2)))

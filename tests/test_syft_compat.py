@@ -126,3 +126,96 @@ def test_toy_federated_learning_with_model_send_and_get():
     with torch.no_grad():
         prediction = model(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     assert prediction[0].item() > 0.7 and prediction[1].item() < 0.3
+
+
+def test_federated_mnist_tutorial_with_federate_and_the_federated_data_loader():
+    """The federated MNIST tutorial's data set-up, model and train(), as written (on a slice of the sample)."""
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    from fedcourse.mnist import load_mnist
+
+    hook = sy.TorchHook(torch)  # <-- NEW: hook PyTorch ie add extra functionalities to support Federated Learning
+    bob = sy.VirtualWorker(hook, id="bob")  # <-- NEW: define remote worker bob
+    alice = sy.VirtualWorker(hook, id="alice")  # <-- and alice
+
+    class Arguments():
+        def __init__(self):
+            self.batch_size = 64
+            self.epochs = 2
+            self.lr = 0.05
+            self.seed = 1
+            self.log_interval = 2
+
+    args = Arguments()
+    torch.manual_seed(args.seed)
+    device = torch.device("cpu")
+
+    images, labels = load_mnist("train").tensors
+    federated_train_loader = sy.FederatedDataLoader(  # <-- this is now a FederatedDataLoader
+        TensorDataset(images[:512], labels[:512])
+        .federate((bob, alice)),  # <-- NEW: we distribute the dataset across all the workers, it's now a FederatedDataset
+        batch_size=args.batch_size, shuffle=True)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super(Net, self).__init__()
+            self.conv1 = nn.Conv2d(1, 20, 5, 1)
+            self.conv2 = nn.Conv2d(20, 50, 5, 1)
+            self.fc1 = nn.Linear(4 * 4 * 50, 500)
+            self.fc2 = nn.Linear(500, 10)
+
+        def forward(self, x):
+            x = F.relu(self.conv1(x))
+            x = F.max_pool2d(x, 2, 2)
+            x = F.relu(self.conv2(x))
+            x = F.max_pool2d(x, 2, 2)
+            x = x.view(-1, 4 * 4 * 50)
+            x = F.relu(self.fc1(x))
+            x = self.fc2(x)
+            return F.log_softmax(x, dim=1)
+
+    locations, losses = [], []
+
+    def train(args, model, device, federated_train_loader, optimizer, epoch):
+        model.train()
+        for batch_idx, (data, target) in enumerate(federated_train_loader):  # <-- now it is a distributed dataset
+            model.send(data.location)  # <-- NEW: send the model to the right location
+            data, target = data.to(device), target.to(device)
+            optimizer.zero_grad()
+            output = model(data)
+            loss = F.nll_loss(output, target)
+            loss.backward()
+            optimizer.step()
+            model.get()  # <-- NEW: get the model back
+            locations.append(data.location.id)
+            loss = loss.get()  # <-- NEW: get the loss back
+            losses.append(loss.item())
+
+    model = Net().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)  # TODO momentum is not supported at the moment
+
+    data_at_workers = {w.id: set(w._objects) for w in (bob, alice)}
+    for epoch in range(1, args.epochs + 1):
+        train(args, model, device, federated_train_loader, optimizer, epoch)
+
+    assert len(losses) == 2 * 8 and sorted(set(locations)) == ["alice", "bob"]
+    assert sum(losses[8:]) < sum(losses[:8]), "the model learns over the two epochs"
+    for worker in (bob, alice):
+        assert set(worker._objects) == data_at_workers[worker.id], "only each worker's part is left there"
+    assert isinstance(federated_train_loader.federated_dataset, sy.FederatedDataset)
+
+
+def test_base_dataset_federate():
+    hook = sy.TorchHook(torch)
+    bob = sy.VirtualWorker(hook, id="bob")
+    alice = sy.VirtualWorker(hook, id="alice")
+    data = torch.arange(20.0).reshape(10, 2)
+    targets = torch.arange(10)
+    federated = sy.BaseDataset(data, targets).federate((bob, alice))
+    assert len(bob._objects) == 2 and len(alice._objects) == 2
+    seen = []
+    for data_ptr, target_ptr in sy.FederatedDataLoader(federated, batch_size=2):
+        assert data_ptr.location is target_ptr.location
+        seen.extend(target_ptr.get().tolist())
+    assert sorted(seen) == list(range(10))
