@@ -31,7 +31,9 @@ PySyft 0.2 did, so that ``load_mnist("train").federate((bob, alice))`` reads lik
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -44,7 +46,7 @@ from fedcourse.pointers import PointerTensor, VirtualWorker, send
 
 __all__ = [
     "BaseDataset", "WorkerPart", "FederatedDataset", "federate", "FederatedDataLoader",
-    "train_on_batch", "train_federated", "hook_datasets", "dataset_tensors",
+    "train_on_batch", "train_federated", "hook_datasets", "dataset_tensors", "reference_disabled",
 ]
 
 
@@ -263,3 +265,33 @@ def train_federated(model: nn.Module, loader: FederatedDataLoader, *, epochs: in
         if bar is not None:
             bar.close()
     return losses
+
+
+@contextlib.contextmanager
+def reference_disabled():
+    """Within the block, this module's reference versions refuse to run.
+
+    Lesson 02's tests run a student's ``federate``, ``FederatedDataLoader`` and
+    ``train_on_batch`` inside it, so that one that only forwards to the reference (through
+    ``dataset.federate(...)``, ``sy.FederatedDataLoader`` or the like, which name no module)
+    fails with a message that says so, instead of earning the points.
+    """
+
+    def refusing(name):
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"this used the course's reference {name} (fedcourse.federated_data, also behind "
+                                 "dataset.federate and the sy namespace); write your own in the cell above")
+        return refuse
+
+    module = sys.modules[__name__]
+    patches = [(module, name, refusing(name)) for name in ("federate", "train_on_batch", "train_federated")]
+    patches += [(FederatedDataLoader, name, refusing("FederatedDataLoader")) for name in ("__iter__", "__len__", "plan")]
+    patches += [(cls, "federate", refusing("federate")) for cls in (Dataset, BaseDataset) if "federate" in vars(cls)]
+    saved = [(owner, name, vars(owner)[name]) for owner, name, _ in patches]
+    try:
+        for owner, name, replacement in patches:
+            setattr(owner, name, replacement)
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)

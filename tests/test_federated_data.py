@@ -17,6 +17,7 @@ from fedcourse.federated_data import (
     WorkerPart,
     federate,
     hook_datasets,
+    reference_disabled,
     train_federated,
     train_on_batch,
 )
@@ -249,3 +250,20 @@ def test_the_classic_tutorial_loop_runs_on_syft_compat():
         seen.add(data.location.id)
         assert loss.dim() == 0
     assert batch_idx == 5 and seen == {"bob", "alice"}
+
+
+def test_reference_disabled_refuses_every_way_in_and_restores_them(hook):
+    bob, = make_workers(hook, "bob")
+    hook_datasets()
+    dataset = TensorDataset(*indexed(4))
+    federated = federate(dataset, [bob])
+    import fedcourse.federated_data as module
+    with reference_disabled():
+        for attempt in (lambda: dataset.federate([bob]), lambda: sy.BaseDataset(*indexed(4)).federate([bob]),
+                        lambda: module.federate(dataset, [bob]), lambda: list(sy.FederatedDataLoader(federated, 2)),
+                        lambda: len(sy.FederatedDataLoader(federated, 2)),
+                        lambda: module.train_on_batch(None, None, None, None)):
+            with pytest.raises(AssertionError, match="write your own"):
+                attempt()
+    assert len(dataset.federate([bob])) == 4 and len(FederatedDataLoader(federated, 2)) == 2
+    assert module.federate is federate and module.train_on_batch is train_on_batch
