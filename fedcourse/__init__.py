@@ -9,6 +9,7 @@ Modules, by what a lesson needs:
 - ``fedcourse.plots``        the plots lessons share
 - ``fedcourse.aggregation``  reference implementations of aggregation steps (lesson 00 onwards)
 - ``fedcourse.fedavg``       Federated Averaging: ClientUpdate, weighted average, sampling, dropout, server loop (lesson 03 onwards)
+- ``fedcourse.paillier``     Paillier-encrypted aggregation with phe: fixed point mod n, packing, encrypted FedAvg (lesson 06 onwards)
 - ``fedcourse.environment``  the environment report lesson 00 prints
 - ``fedcourse.pointers``     reference mini-PySyft: workers, pointer tensors, remote ops and autograd, model send/get (lesson 01)
 - ``fedcourse.federated_data`` federated data sets, the federated data loader and the send-train-get step (lesson 02)

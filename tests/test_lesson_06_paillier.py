@@ -1,0 +1,128 @@
+"""Lesson 06: the hidden tests catch the mistakes the lesson is about.
+
+One submission, graded by the real autograder, carries one planted mistake per graded function
+(independent of each other: every other function is the solution). Each mistake must cost
+exactly its own test cell, and the untouched cells keep full marks.
+"""
+
+from __future__ import annotations
+
+import re
+
+import nbformat
+import pytest
+
+from conftest import REPO, read_json, run_autograder
+
+LESSON = "06-paillier"
+SOLUTION = REPO / "solutions" / LESSON / "paillier.ipynb"
+RELEASE = REPO / "lessons" / LESSON / "paillier.ipynb"
+
+# grade_id of a solution cell -> [(solution text, mistaken text)]
+MISTAKES = {
+    # r drawn at random but never checked to be coprime to n
+    "paillier_encrypt": [("""        r = 0
+        while math.gcd(r, n) != 1:  # also rejects r = 0
+            r = secrets.randbelow(n)""", "        r = secrets.randbelow(n - 1) + 1")],
+    # decryption with any private key, no check that it matches the ciphertext's key
+    "paillier_decrypt": [("""    if ciphertext.public_key != public_key:
+        raise ValueError("this ciphertext was encrypted under a different public key; "
+                         "this private key would decrypt it to garbage")
+""", "")],
+    # ciphertexts from two keys multiplied together without an error
+    "paillier_homomorphic": [("""    if c1.public_key != c2.public_key:
+        raise ValueError("cannot add ciphertexts encrypted under different public keys")
+""", "")],
+    # encoding bound ignores the K clients (overflow of the sum not detected);
+    # decoding flips the sign of negative numbers
+    "fixed_point": [("bound = n // 3 // num_clients", "bound = n // 3"), ("v = m - n", "v = n - m")],
+    # phe picks each value's exponent; the server multiplies raw ciphertexts of any key
+    "phe_fedavg": [
+        ("public_key.encrypt(phe.EncodedNumber(public_key, round(v * scale) % n, exponent))",
+         "public_key.encrypt(v)"),
+        ("        if any(c.public_key != key for c in ciphertexts):", "        if False:"),
+        ("        totals = [a + b for a, b in zip(totals, ciphertexts)]",
+         "        totals = [phe.EncryptedNumber(key, a.ciphertext(False) * b.ciphertext(False) % key.nsquare, "
+         "a.exponent) for a, b in zip(totals, ciphertexts)]"),
+    ],
+    # headroom floor(log2 K) instead of ceil: too narrow for 3 clients
+    "packing_slots": [("return value_bits + (num_clients - 1).bit_length()",
+                       "return value_bits + int(math.log2(num_clients))")],
+    # encryption computes the right slot width itself (so that it stays correct);
+    # decryption forgets that the slots only have headroom for packing.num_clients
+    "packed_encryption": [
+        ("""    \"\"\"Client: quantize weight * update with an offset, pack as many slots per plaintext as fit, encrypt each.\"\"\"
+    slot_bits = slot_bits_for(packing.value_bits, packing.num_clients)""",
+         """    \"\"\"Client: quantize weight * update with an offset, pack as many slots per plaintext as fit, encrypt each.\"\"\"
+    slot_bits = packing.value_bits + math.ceil(math.log2(packing.num_clients))"""),
+        ("""    if num_contributors > packing.num_clients:
+        raise ValueError(f"the slots have headroom for {packing.num_clients} clients, not {num_contributors}")
+""", ""),
+    ],
+}
+
+EXPECTED = {
+    "test_keys": 1,
+    "test_encrypt": 0,
+    "test_decrypt": 0,
+    "test_add_multiply": 0,
+    "test_encode_fixed": 0,
+    "test_decode_fixed": 0,
+    "test_encrypt_update": 0,
+    "test_aggregate_encrypted": 0,
+    "test_decrypt_aggregate": 1,
+    "test_pack_unpack": 2,
+    "test_slot_bits": 0,
+    "test_encrypt_packed": 2,
+    "test_decrypt_packed": 0,
+}
+
+MESSAGES = {
+    "test_encrypt": "shares a factor with n",
+    "test_decrypt": "does not belong to the ciphertext's public key",
+    "test_add_multiply": "two different keys",
+    "test_encode_fixed": "sum over 4 clients",
+    "test_decode_fixed": "n - 384 stands for -384",
+    "test_encrypt_update": "protocol's exponent",
+    "test_aggregate_encrypted": "different public key",
+    "test_slot_bits": "ceil(log2 3)",
+    "test_decrypt_packed": "headroom",
+}
+
+
+def solutions_by_grade_id() -> dict[str, str]:
+    cells = nbformat.read(SOLUTION, as_version=4).cells
+    return {c.metadata["nbgrader"]["grade_id"]: re.sub(r"\s*### (BEGIN|END) SOLUTION", "", c.source)
+            for c in cells if c.metadata.get("nbgrader", {}).get("solution")}
+
+
+def planted_submission() -> nbformat.NotebookNode:
+    solutions = solutions_by_grade_id()
+    assert set(MISTAKES) <= set(solutions), "a planted mistake names a solution cell that does not exist"
+    nb = nbformat.read(RELEASE, as_version=4)
+    for cell in nb.cells:
+        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if grade_id not in solutions:
+            continue
+        source = solutions[grade_id]
+        for right, wrong in MISTAKES.get(grade_id, []):
+            assert source.count(right) == 1, f"{grade_id}: the text to plant a mistake in has changed: {right!r}"
+            source = source.replace(right, wrong)
+        cell.source = source
+    return nb
+
+
+def test_each_planted_mistake_costs_its_own_cell(tmp_path):
+    submission = tmp_path / "planted" / LESSON / "paillier.ipynb"
+    submission.parent.mkdir(parents=True)
+    nbformat.write(planted_submission(), submission)
+    out = tmp_path / "planted.json"
+    result = run_autograder("grade", str(tmp_path / "planted"), "--student", "planted", "--json", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    notebook = read_json(out)["notebooks"][0]
+    assert not notebook["errors"], notebook["errors"]
+    scores = {cell["grade_id"]: cell["score"] for cell in notebook["cells"]}
+    assert scores == pytest.approx(EXPECTED), f"per-cell scores {scores}"
+    messages = {cell["grade_id"]: cell.get("message", "") for cell in notebook["cells"]}
+    for grade_id, fragment in MESSAGES.items():
+        assert fragment in messages[grade_id], f"{grade_id} should say why: {messages[grade_id]!r}"
