@@ -8,6 +8,7 @@ Modules, by what a lesson needs:
 - ``fedcourse.training``     seeding, device choice, train and evaluate loops
 - ``fedcourse.plots``        the plots lessons share
 - ``fedcourse.aggregation``  reference implementations of aggregation steps (lesson 00 onwards)
+- ``fedcourse.privacy``      DP mechanisms, DP-SGD, an RDP accountant, DP-FedAvg (lesson 08 onwards)
 - ``fedcourse.environment``  the environment report lesson 00 prints
 
 Lessons import the submodule they need, e.g. ``from fedcourse.mnist import load_mnist``.
