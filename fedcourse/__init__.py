@@ -8,6 +8,7 @@ Modules, by what a lesson needs:
 - ``fedcourse.training``     seeding, device choice, train and evaluate loops
 - ``fedcourse.plots``        the plots lessons share
 - ``fedcourse.aggregation``  reference implementations of aggregation steps (lesson 00 onwards)
+- ``fedcourse.fedavg``       Federated Averaging: ClientUpdate, weighted average, sampling, dropout, server loop (lesson 03 onwards)
 - ``fedcourse.privacy``      DP mechanisms, DP-SGD, an RDP accountant, DP-FedAvg (lesson 08 onwards)
 - ``fedcourse.environment``  the environment report lesson 00 prints
 
