@@ -7,13 +7,14 @@ Modules, by what a lesson needs:
 - ``fedcourse.models``       the course's models (tutorial CNN, McMahan CNN and 2NN, logistic regression)
 - ``fedcourse.training``     seeding, device choice, train and evaluate loops
 - ``fedcourse.plots``        the plots lessons share
-- ``fedcourse.aggregation``  reference implementations of aggregation steps (lesson 00 onwards)
-- ``fedcourse.fedavg``       Federated Averaging: ClientUpdate, weighted average, sampling, dropout, server loop (lesson 03 onwards)
-- ``fedcourse.paillier``     Paillier-encrypted aggregation with phe: fixed point mod n, packing, encrypted FedAvg (lesson 06 onwards)
 - ``fedcourse.environment``  the environment report lesson 00 prints
+- ``fedcourse.aggregation``  reference implementations of aggregation steps (lesson 00 onwards)
 - ``fedcourse.pointers``     reference mini-PySyft: workers, pointer tensors, remote ops and autograd, model send/get (lesson 01)
 - ``fedcourse.federated_data`` federated data sets, the federated data loader and the send-train-get step (lesson 02)
 - ``fedcourse.syft_compat``  the PySyft 0.2 names (``from fedcourse import syft_compat as sy``) over pointers and federated data
+- ``fedcourse.fedavg``       Federated Averaging: ClientUpdate, weighted average, sampling, dropout, server loop (lesson 03 onwards)
+- ``fedcourse.paillier``     Paillier-encrypted aggregation with phe: fixed point mod n, packing, encrypted FedAvg (lesson 06 onwards)
+- ``fedcourse.privacy``      DP mechanisms, DP-SGD, an RDP accountant, DP-FedAvg (lesson 08 onwards)
 
 Lessons import the submodule they need, e.g. ``from fedcourse.mnist import load_mnist``.
 """
