@@ -239,3 +239,25 @@ def test_key_holder_refuses_to_decrypt_a_single_clients_update():
     with pytest.raises(PermissionError):
         holder.decrypt_values(ciphertexts, num_contributors=1)
     assert holder.decrypt_values(sum_encrypted([ciphertexts, ciphertexts]), num_contributors=2).tolist() == [1.0]
+
+
+def test_encrypted_fedavg_plugs_into_the_fedavg_loop():
+    """EncryptedFedAvg is a drop-in `aggregate` for fedcourse.fedavg.run_round."""
+    from torch.utils.data import TensorDataset
+
+    from fedcourse.fedavg import fedavg, run_round
+
+    generator = torch.Generator().manual_seed(0)
+    clients = [TensorDataset(torch.randn(n, 1, 28, 28, generator=generator), torch.randint(0, 10, (n,), generator=generator))
+               for n in (12, 30, 20)]
+    torch.manual_seed(0)
+    model = LogisticRegression()
+    common = dict(fraction=1.0, epochs=1, batch_size=10, lr=0.05, device="cpu")
+    plain = run_round(model, clients, generator=torch.Generator().manual_seed(1), **common)
+    holder = KeyHolder(key_bits=SMALL_BITS)
+    encrypted = run_round(model, clients, generator=torch.Generator().manual_seed(1),
+                          aggregate=EncryptedFedAvg(holder, PackingScheme(num_clients=3)), **common)
+    assert plain.reported == encrypted.reported == [0, 1, 2]
+    for key, value in plain.state.items():
+        assert torch.allclose(encrypted.state[key], value, atol=3 * 2.0**-17), key
+    assert plain.state.keys() == fedavg([plain.state], [1]).keys()
