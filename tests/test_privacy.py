@@ -191,3 +191,22 @@ def test_dp_fedavg_aggregator_reads_the_current_global_model():
     new = hook(states, [5, 1])  # weights are ignored: each client counts once
     torch.testing.assert_close(new["weight"], torch.full((1, 2), 2.0))
     assert hook.rounds == 1
+
+
+def test_dp_fedavg_aggregator_plugs_into_the_fedavg_round():
+    from torch.utils.data import TensorDataset
+
+    from fedcourse.fedavg import fedavg, run_round
+
+    torch.manual_seed(0)
+    model = LogisticRegression()
+    clients = [TensorDataset(torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))) for n in (5, 10, 30)]
+    hook = privacy.DPFedAvgAggregator(model, clip_norm=1e6, noise_multiplier=0.0, expected_clients=3)
+    private = run_round(model, clients, fraction=1.0, epochs=1, batch_size=5, lr=0.1, generator=gen(1),
+                        device="cpu", aggregate=hook)
+    plain = run_round(model, clients, fraction=1.0, epochs=1, batch_size=5, lr=0.1, generator=gen(1),
+                      device="cpu", aggregate=lambda states, weights: fedavg(states, [1] * len(states)))
+    # Without noise or clipping, DP-FedAvg is the unweighted mean of the clients' models.
+    for key in plain.state:
+        torch.testing.assert_close(private.state[key], plain.state[key], atol=1e-6, rtol=1e-5)
+    assert hook.rounds == 1
