@@ -71,14 +71,15 @@ def installed(name):
         return None
 
 
+RESTART = ("Now restart the runtime ONCE (Colab: Runtime -> Restart session), then run the "
+           "notebook again from the top: packages that Python had already loaded were replaced.")
 if IN_COLAB and installed("syft") != "{syft_version}":
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *LESSON_REQUIREMENTS,
                     "{pip_spec}"], check=True)
+    raise SystemExit("The lesson's packages are installed. " + RESTART)
 if "numpy" in sys.modules and sys.modules["numpy"].__version__ != installed("numpy"):
-    raise SystemExit(
-        "The lesson's packages are installed. Now restart the runtime ONCE (Colab: Runtime -> "
-        "Restart session), then run the notebook again from the top. Python had already loaded "
-        f"numpy {{sys.modules['numpy'].__version__}}, and the lesson needs numpy {{installed('numpy')}}.")
+    raise SystemExit(f"numpy {{sys.modules['numpy'].__version__}} is loaded, but the lesson needs numpy "
+                     f"{{installed('numpy')}}. " + RESTART)
 if installed("syft") != "{syft_version}":
     raise ModuleNotFoundError(
         "This lesson runs in its own kernel, '{display_name}', with syft=={syft_version}; "

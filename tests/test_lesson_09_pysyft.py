@@ -132,6 +132,14 @@ def test_the_setup_cell_in_colab_with_an_old_numpy_loaded_says_restart():
     assert result.returncode != 0 and "restart the runtime ONCE" in result.stderr, result.stderr
 
 
+def test_the_setup_cell_without_a_restart_says_restart():
+    """Installed, but the runtime still has the old numpy loaded: the cell asks again."""
+    result = _run_setup_cell(_setup_cell(RELEASE), {"COLAB_RELEASE_TAG": "test", "PYTHONPATH": str(REPO)},
+                             preload_numpy=True)
+    assert "PIP" not in result.stdout, "syft is installed already: nothing to install"
+    assert result.returncode != 0 and "numpy 2.0.2 is loaded" in result.stderr and "restart the runtime ONCE" in result.stderr
+
+
 def test_the_setup_cell_passes_in_the_lesson_kernel():
     result = _run_setup_cell(_setup_cell(RELEASE), {"PYTHONPATH": str(REPO)}, preload_numpy=False)
     assert result.returncode == 0, result.stderr
