@@ -1,5 +1,6 @@
 # The README's commands. Each one creates the course environment (.venv) first if it is
-# missing or its requirements changed; when nothing changed that step is skipped.
+# missing or its requirements changed, and lesson 09's PySyft environment (.venv-pysyft) with
+# its Jupyter kernel registered in .venv; when nothing changed those steps are skipped.
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -8,6 +9,14 @@ STAMP       := $(VENV)/.installed
 # Where `make grade` writes grades and feedback: outside the repository on purpose.
 GRADES_DIR  ?= $(or $(TMPDIR),/tmp)/private-fl-grades
 SUBMISSIONS ?= examples/submissions
+# Lesson 09 (PySyft) runs in its own environment; its kernel is registered in $(VENV), where
+# Jupyter, nbgrader and the autograder look for it. Names as in course.toml.
+PYSYFT_VENV   ?= .venv-pysyft
+PYSYFT_KERNEL := fedcourse-pysyft
+PYSYFT_KERNEL_DISPLAY := Python 3 (PySyft 0.9.5, lesson 09)
+PYSYFT_STAMP  := $(PYSYFT_VENV)/.installed
+PYSYFT_KERNEL_SPEC := $(VENV)/share/jupyter/kernels/$(PYSYFT_KERNEL)/kernel.json
+ENVS        := $(STAMP) $(PYSYFT_KERNEL_SPEC)
 
 .PHONY: setup test grade lab selfcheck bench generate clean
 
@@ -18,28 +27,41 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $@
 
-setup: $(STAMP)
+$(PYSYFT_STAMP): requirements-pysyft.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "The course needs Python 3.11 or newer; run: make PYTHON=python3.11 ...")'
+	@test -x $(PYSYFT_VENV)/bin/python || $(PYTHON) -m venv $(PYSYFT_VENV)
+	$(PYSYFT_VENV)/bin/python -m pip install --quiet -r requirements-pysyft.txt
+	$(PYSYFT_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	@touch $@
+
+# Registered again whenever either environment is (re)made: the spec points at $(PYSYFT_VENV)'s python.
+$(PYSYFT_KERNEL_SPEC): $(PYSYFT_STAMP) $(STAMP)
+	$(PYSYFT_VENV)/bin/python -m ipykernel install --prefix "$(abspath $(VENV))" \
+		--name $(PYSYFT_KERNEL) --display-name "$(PYSYFT_KERNEL_DISPLAY)"
+	@touch $@
+
+setup: $(ENVS)
 
 ## the tests: library, autograder, every lesson graded (what .ci/run runs)
-test: $(STAMP)
+test: $(ENVS)
 	$(BIN)/python -m pytest
 
 ## the main job: grade the submissions in $(SUBMISSIONS) (one folder per student)
-grade: $(STAMP)
+grade: $(ENVS)
 	$(BIN)/python -m autograder grade-all $(SUBMISSIONS) --out $(GRADES_DIR)
 
 ## JupyterLab on the student version of the lessons
-lab: $(STAMP)
+lab: $(ENVS)
 	$(BIN)/jupyter lab lessons/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
-selfcheck: $(STAMP)
+selfcheck: $(ENVS)
 	$(BIN)/python -m autograder selfcheck
 
-bench: $(STAMP)
+bench: $(ENVS)
 	$(BIN)/python -m autograder bench
 
-generate: $(STAMP)
+generate: $(ENVS)
 	$(BIN)/python -m autograder generate
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(PYSYFT_VENV) .pytest_cache

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .course import Course
+from .kernels import missing_kernel
 
 BUDGET_SECONDS = 90.0
 
@@ -63,6 +64,10 @@ def bench(course: Course, lesson_ids: list[str] | None = None, cell_timeout: flo
         if lesson_ids and lesson.id not in lesson_ids:
             continue
         for notebook in lesson.notebooks:
+            problem = missing_kernel(course, lesson, notebook)
+            if problem:
+                results.append(BenchResult(f"{lesson.id}/{notebook}.ipynb", float("nan"), float("nan"), problem))
+                continue
             with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
                 folder = Path(tmp) / lesson.id
                 shutil.copytree(course.solutions_dir / lesson.id, folder)

@@ -36,10 +36,20 @@ class Lesson:
     title: str
     builds: str
     notebooks: tuple[str, ...]  # notebook names without .ipynb; empty when not built yet
+    # A lesson with its own environment (course.toml: kernel, requirements) runs in this
+    # Jupyter kernel; None means the main environment's default kernel.
+    kernel: str | None = None
+    kernel_display_name: str | None = None
+    requirements: str | None = None  # pip requirements file of its environment, from the root
+    colab_skip: tuple[str, ...] = ()  # packages of `requirements` that Colab keeps its own of
 
     @property
     def built(self) -> bool:
         return bool(self.notebooks)
+
+    @property
+    def own_environment(self) -> bool:
+        return self.requirements is not None
 
 
 class Course:
@@ -111,7 +121,14 @@ class Course:
         for entry in self.config.get("lessons", []):
             folder = self.solutions_dir / entry["id"]
             notebooks = tuple(sorted(p.stem for p in folder.glob("*.ipynb"))) if folder.is_dir() else ()
-            lessons.append(Lesson(entry["id"], entry["title"], entry.get("builds", ""), notebooks))
+            own = [key for key in ("kernel", "kernel_display_name", "requirements") if key in entry]
+            if own and len(own) != 3:
+                raise SystemExit(f"{self.config_path}: lesson {entry['id']} needs all of kernel, "
+                                 "kernel_display_name and requirements, or none of them")
+            lessons.append(Lesson(entry["id"], entry["title"], entry.get("builds", ""), notebooks,
+                                  kernel=entry.get("kernel"), kernel_display_name=entry.get("kernel_display_name"),
+                                  requirements=entry.get("requirements"),
+                                  colab_skip=tuple(entry.get("colab_skip", ()))))
             known.add(entry["id"])
         strays = sorted(p.name for p in self.solutions_dir.iterdir() if p.is_dir() and p.name not in known) \
             if self.solutions_dir.is_dir() else []
@@ -139,3 +156,28 @@ class Course:
 
     def release_notebook(self, lesson: Lesson, notebook: str) -> Path:
         return self.lessons_dir / lesson.id / f"{notebook}.ipynb"
+
+
+def requirement_lines(course: Course, lesson: Lesson) -> list[str]:
+    """The requirement specifiers of a lesson's own environment, comments and blanks dropped."""
+    if not lesson.requirements:
+        return []
+    path = course.root / lesson.requirements
+    if not path.is_file():
+        raise SystemExit(f"course.toml: lesson {lesson.id} names {lesson.requirements}, which does not exist")
+    lines = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
+def requirement_name(line: str) -> str:
+    """The normalised distribution name of a requirement line (`numpy==1.24.4; ...` -> numpy)."""
+    import re
+
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line)
+    if not match:
+        raise ValueError(f"not a requirement: {line!r}")
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower()

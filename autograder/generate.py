@@ -19,7 +19,7 @@ from pathlib import Path
 
 import nbformat
 
-from .course import Course, Lesson
+from .course import Course, Lesson, requirement_lines, requirement_name
 from .workspace import Workspace
 
 BADGE_TAG = "course:badge"
@@ -46,13 +46,79 @@ except ModuleNotFoundError:
 print(f"fedcourse {{fedcourse.__version__}} is ready")'''
 
 
+# A lesson with its own environment (course.toml: kernel, requirements). Colab has one
+# runtime, so the cell installs the lesson's pins there, and numpy, already loaded by Colab
+# at another version, takes effect only after one restart of the runtime.
+OWN_ENVIRONMENT_SETUP_TEMPLATE = '''\
+# Setup: run this cell first. It works locally and in Google Colab.
+# This lesson has its own environment ({requirements}): syft {syft_version} needs an older
+# numpy than the rest of the course. Locally, `make lab` has created it as the Jupyter kernel
+# "{display_name}": choose it under Kernel -> Change kernel.
+# In Colab this cell installs those versions, then asks you to restart the runtime ONCE.
+import os, subprocess, sys
+from importlib import metadata
+
+LESSON_REQUIREMENTS = [
+{requirement_list}
+]
+IN_COLAB = "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
+
+
+def installed(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+RESTART = ("Now restart the runtime ONCE (Colab: Runtime -> Restart session), then run the "
+           "notebook again from the top: packages that Python had already loaded were replaced.")
+if IN_COLAB and installed("syft") != "{syft_version}":
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *LESSON_REQUIREMENTS,
+                    "{pip_spec}"], check=True)
+    raise SystemExit("The lesson's packages are installed. " + RESTART)
+if "numpy" in sys.modules and sys.modules["numpy"].__version__ != installed("numpy"):
+    raise SystemExit(f"numpy {{sys.modules['numpy'].__version__}} is loaded, but the lesson needs numpy "
+                     f"{{installed('numpy')}}. " + RESTART)
+if installed("syft") != "{syft_version}":
+    raise ModuleNotFoundError(
+        "This lesson runs in its own kernel, '{display_name}', with syft=={syft_version}; "
+        f"this kernel has syft {{installed('syft')}}. Choose that kernel under Kernel -> Change kernel; "
+        "`make lab` from the course repository creates it ({requirements}).")
+
+try:
+    import fedcourse
+except ModuleNotFoundError:
+    raise ModuleNotFoundError(
+        "The course package fedcourse is not installed in this kernel. Start Jupyter with "
+        "`make lab` from the course repository, or run: pip install \\"{pip_spec}\\"") from None
+print(f"fedcourse {{fedcourse.__version__}}, syft {{installed('syft')}} and numpy {{installed('numpy')}} are ready")'''
+
+
 def badge_markdown(course: Course, lesson: Lesson, notebook: str) -> str:
     return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
             f"({course.colab_url(lesson.id, notebook)})")
 
 
-def setup_source(course: Course) -> str:
-    return SETUP_TEMPLATE.format(pip_spec=course.pip_spec())
+def setup_source(course: Course, lesson: Lesson | None = None) -> str:
+    if lesson is None or not lesson.own_environment:
+        return SETUP_TEMPLATE.format(pip_spec=course.pip_spec())
+    lines = requirement_lines(course, lesson)
+    skip = {requirement_name(name) for name in lesson.colab_skip}
+    for_colab = [line for line in lines if requirement_name(line) not in skip]
+    pins = {requirement_name(line): line.split("==", 1)[1].split(";")[0].strip() for line in lines if "==" in line}
+    if "syft" not in pins:
+        raise SystemExit(f"{lesson.requirements} must pin syft exactly (syft==...): the setup cell checks it")
+    return OWN_ENVIRONMENT_SETUP_TEMPLATE.format(
+        pip_spec=course.pip_spec(), display_name=lesson.kernel_display_name, requirements=lesson.requirements,
+        syft_version=pins["syft"], requirement_list="\n".join(f"    {line!r}," for line in for_colab))
+
+
+def kernelspec(lesson: Lesson) -> dict | None:
+    """The kernelspec a lesson's notebooks must carry (None: leave the notebook's own)."""
+    if not lesson.kernel:
+        return None
+    return {"display_name": lesson.kernel_display_name, "language": "python", "name": lesson.kernel}
 
 
 def _tagged(nb: nbformat.NotebookNode, tag: str) -> list[nbformat.NotebookNode]:
@@ -64,7 +130,12 @@ def sync_notebook(course: Course, lesson: Lesson, notebook: str, write: bool) ->
     path = course.source_notebook(lesson, notebook)
     nb = nbformat.read(path, as_version=4)
     stale = []
-    for tag, text in ((BADGE_TAG, badge_markdown(course, lesson, notebook)), (SETUP_TAG, setup_source(course))):
+    spec = kernelspec(lesson)
+    if spec is not None and dict(nb.metadata.get("kernelspec", {})) != spec:
+        nb.metadata["kernelspec"] = spec
+        stale.append(f"{path.relative_to(course.root)}: its kernelspec is not the kernel course.toml names "
+                     f"({lesson.kernel!r})")
+    for tag, text in ((BADGE_TAG, badge_markdown(course, lesson, notebook)), (SETUP_TAG, setup_source(course, lesson))):
         cells = _tagged(nb, tag)
         if len(cells) != 1:
             raise SystemExit(f"{path}: needs exactly one cell tagged {tag!r}, found {len(cells)}")
@@ -146,6 +217,9 @@ def drift(course: Course) -> list[str]:
         copy = Path(tmp) / "repo"
         copy.mkdir()
         shutil.copy(course.config_path, copy / "course.toml")
+        for lesson in course.lessons:  # a lesson's own requirements shape its setup cell
+            if lesson.requirements and (course.root / lesson.requirements).is_file():
+                shutil.copy(course.root / lesson.requirements, copy / lesson.requirements)
         shutil.copytree(course.solutions_dir, copy / "solutions",
                         ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
         fresh = Course(copy)

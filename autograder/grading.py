@@ -17,6 +17,7 @@ from pathlib import Path
 import nbformat
 
 from .course import Course, Lesson
+from .kernels import missing_kernel
 from .workspace import Workspace
 
 STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$")
@@ -279,6 +280,11 @@ def grade_notebook(ws: Workspace, student: str, sub: Submission, feedback_dir: P
     result.cells = [CellResult(grade_id, 0.0, points) for grade_id, points in cells]
 
     nb, problem = _read_notebook(sub.path)
+    if problem:
+        result.errors.append(problem)
+        return result
+    # nbgrader runs the notebook in the kernel its source names (lesson 09 has its own).
+    problem = missing_kernel(course, sub.lesson, sub.notebook)
     if problem:
         result.errors.append(problem)
         return result

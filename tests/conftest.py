@@ -57,6 +57,8 @@ def copy_course(dest: Path) -> Path:
     dest.mkdir(parents=True)
     for name in ("course.toml", "README.md"):
         shutil.copy(REPO / name, dest / name)
+    for requirements in REPO.glob("requirements-*.txt"):  # lessons with their own environment
+        shutil.copy(requirements, dest / requirements.name)
     for name in ("solutions", "lessons"):
         shutil.copytree(REPO / name, dest / name)
     return dest
