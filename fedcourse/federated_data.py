@@ -101,6 +101,11 @@ class FederatedDataset:
         for worker_id, part in parts.items():
             if not isinstance(part, WorkerPart):
                 raise TypeError(f"parts[{worker_id!r}] must be a WorkerPart, got {type(part).__name__}")
+            for name in ("data", "targets"):
+                if not isinstance(getattr(part, name), PointerTensor):
+                    raise TypeError(f"parts[{worker_id!r}].{name} must be a PointerTensor to the values at the "
+                                    f"worker, got {type(getattr(part, name)).__name__}: send them with "
+                                    "tensor.send(worker)")
             if part.location.id != worker_id:
                 raise ValueError(f"parts[{worker_id!r}] lives at {part.location.id}, not at {worker_id}")
         self.parts = dict(parts)

@@ -85,6 +85,15 @@ def test_federate_sends_copies(hook):
     assert workers[0].bytes_received >= 3 * WIDTH * 8
 
 
+def test_a_federated_dataset_holds_pointers_not_values(hook):
+    bob, = make_workers(hook, "bob")
+    data, targets = indexed(3)
+    with pytest.raises(TypeError, match=r"parts\['bob'\].data must be a PointerTensor.*tensor.send\(worker\)"):
+        FederatedDataset({"bob": WorkerPart(data, targets.send(bob), 3)})
+    with pytest.raises(ValueError, match="lives at bob, not at alice"):
+        FederatedDataset({"alice": WorkerPart(data.send(bob), targets.send(bob), 3)})
+
+
 def test_federate_refuses_what_it_cannot_do(hook):
     a, b = make_workers(hook, "a", "b")
     with pytest.raises(ValueError, match="at least one worker"):
