@@ -84,9 +84,10 @@ def bench(course: Course, lesson_ids: list[str] | None = None, cell_timeout: flo
 
 
 def table(results: list[BenchResult], budget: float = BUDGET_SECONDS) -> str:
-    lines = [f"{'notebook':<48}{'wall s':>9}{'peak MiB':>10}  budget {budget:g} s",]
+    width = max([len("notebook"), *(len(r.notebook) for r in results)]) + 2
+    lines = [f"{'notebook':<{width}}{'wall s':>9}{'peak MiB':>10}  budget {budget:g} s",]
     for r in results:
-        lines.append(f"{r.notebook:<48}{r.seconds:>9.1f}{r.peak_mib:>10.0f}  {r.verdict(budget)}"
+        lines.append(f"{r.notebook:<{width}}{r.seconds:>9.1f}{r.peak_mib:>10.0f}  {r.verdict(budget)}"
                      + (f": {r.error}" if r.error else ""))
     return "\n".join(lines)
 

@@ -286,9 +286,10 @@ def test_grading_a_student_lessons_folder_from_outside_the_repository(tmp_path):
     steps = " ".join(step.get("run", "") for step in workflow["jobs"]["grade"]["steps"])
     assert "make -C course setup" in steps and "-m autograder grade submission/lessons" in steps
 
+    # A student repository in which only lesson 00 has been done so far (grading every
+    # released lesson as well would only add minutes of zeros).
     submission = tmp_path / "submission"
-    shutil.copytree(REPO / "lessons", submission / "lessons")
-    shutil.copytree(EXAMPLES / "alice" / LESSON00, submission / "lessons" / LESSON00, dirs_exist_ok=True)
+    shutil.copytree(EXAMPLES / "alice" / LESSON00, submission / "lessons" / LESSON00)
     env = {k: v for k, v in os.environ.items() if k != "COURSE_ROOT"}
     result = subprocess.run([sys.executable, "-m", "autograder", "grade", "submission/lessons",
                              "--student", "octocat", "--json", "grades.json"],
