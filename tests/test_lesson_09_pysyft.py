@@ -221,6 +221,9 @@ def test_each_listed_mistake_loses_its_own_points(tmp_path):
             assert old in body, grade_id
             body = body.replace(old, new, 1)
         _cell(nb, grade_id).source = body
+    # Saved from Colab, where every notebook says "python3": nbgrader must still run it in the
+    # PySyft kernel that the source names (submit_round's full marks prove that syft ran).
+    nb.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
     folder = tmp_path / "mallory" / LESSON
     folder.mkdir(parents=True)
     nbformat.write(nb, folder / f"{NOTEBOOK}.ipynb")
