@@ -1,8 +1,9 @@
 """Lesson 06: the hidden tests catch the mistakes the lesson is about.
 
-One submission, graded by the real autograder, carries one planted mistake per graded function
-(independent of each other: every other function is the solution). Each mistake must cost
-exactly its own test cell, and the untouched cells keep full marks.
+Each of two submissions, graded by the real autograder, carries planted mistakes in several
+graded functions (independent of each other: every other function is the solution). Each
+mistake must cost exactly its own test cell, with a message that says why, and the untouched
+cells keep full marks. Two submissions, because some mistakes live in the same function.
 """
 
 from __future__ import annotations
@@ -90,39 +91,103 @@ MESSAGES = {
 }
 
 
+# The second submission: the other ways to get the same functions wrong.
+MISTAKES_2 = {
+    # the same r for every encryption under a key
+    "paillier_encrypt": [("""        r = 0
+        while math.gcd(r, n) != 1:  # also rejects r = 0
+            r = secrets.randbelow(n)""", """        global _r
+        if "_r" not in globals():
+            _r = 0
+            while math.gcd(_r, n) != 1:
+                _r = secrets.randbelow(n)
+        r = _r""")],
+    # the product of ciphertexts never reduced mod n**2 (still decrypts, grows without bound)
+    "paillier_homomorphic": [("Ciphertext(c1.value * c2.value % c1.public_key.n_squared, c1.public_key)",
+                              "Ciphertext(c1.value * c2.value, c1.public_key)")],
+    # no overflow band: everything above n // 2 is read as negative, a wrapped sum decodes silently
+    "fixed_point": [("limit = n // 3\n", "limit = n // 2\n")],
+    # weight * update computed in float32
+    "phe_fedavg": [("values = (torch.as_tensor(update, dtype=torch.float64).flatten() * float(weight)).tolist()",
+                    "values = (torch.as_tensor(update).flatten() * weight).double().tolist()")],
+    # pack accepts slots wider than slot_bits (they spill into the neighbour)
+    "packing_slots": [("""        if not 0 <= slot < 1 << slot_bits:
+            raise ValueError(f"slot value {slot} does not fit in {slot_bits} bits")
+""", "")],
+    # encryption forgets the headroom; decryption reads the packed plaintext as one signed number
+    "packed_encryption": [
+        ("""    slot_bits = slot_bits_for(packing.value_bits, packing.num_clients)
+    per_ciphertext = (public_key.n.bit_length() - 1) // slot_bits""",
+         """    slot_bits = packing.value_bits
+    per_ciphertext = (public_key.n.bit_length() - 1) // slot_bits"""),
+        ("unpack(private_key.decrypt_encoded(c).encoding,", "unpack(int(private_key.decrypt(c)),"),
+    ],
+}
+
+EXPECTED_2 = {
+    "test_keys": 1,
+    "test_encrypt": 0,
+    "test_decrypt": 2,
+    "test_add_multiply": 0,
+    "test_encode_fixed": 2,
+    "test_decode_fixed": 0,
+    "test_encrypt_update": 0,
+    "test_aggregate_encrypted": 2,
+    "test_decrypt_aggregate": 1,
+    "test_pack_unpack": 0,
+    "test_slot_bits": 1,
+    "test_encrypt_packed": 0,
+    "test_decrypt_packed": 0,
+}
+
+MESSAGES_2 = {
+    "test_encrypt": "fresh random r",
+    "test_add_multiply": "mod n**2",
+    "test_decode_fixed": "overflow band",
+    "test_encrypt_update": "float64",
+    "test_pack_unpack": "needs more than slot_bits bits",
+    "test_encrypt_packed": "ciphertexts",
+    "test_decrypt_packed": "decrypt_encoded",
+}
+
+PLANTED = {"first": (MISTAKES, EXPECTED, MESSAGES), "second": (MISTAKES_2, EXPECTED_2, MESSAGES_2)}
+
+
 def solutions_by_grade_id() -> dict[str, str]:
     cells = nbformat.read(SOLUTION, as_version=4).cells
     return {c.metadata["nbgrader"]["grade_id"]: re.sub(r"\s*### (BEGIN|END) SOLUTION", "", c.source)
             for c in cells if c.metadata.get("nbgrader", {}).get("solution")}
 
 
-def planted_submission() -> nbformat.NotebookNode:
+def planted_submission(mistakes: dict[str, list[tuple[str, str]]]) -> nbformat.NotebookNode:
     solutions = solutions_by_grade_id()
-    assert set(MISTAKES) <= set(solutions), "a planted mistake names a solution cell that does not exist"
+    assert set(mistakes) <= set(solutions), "a planted mistake names a solution cell that does not exist"
     nb = nbformat.read(RELEASE, as_version=4)
     for cell in nb.cells:
         grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
         if grade_id not in solutions:
             continue
         source = solutions[grade_id]
-        for right, wrong in MISTAKES.get(grade_id, []):
+        for right, wrong in mistakes.get(grade_id, []):
             assert source.count(right) == 1, f"{grade_id}: the text to plant a mistake in has changed: {right!r}"
             source = source.replace(right, wrong)
         cell.source = source
     return nb
 
 
-def test_each_planted_mistake_costs_its_own_cell(tmp_path):
+@pytest.mark.parametrize("which", sorted(PLANTED))
+def test_each_planted_mistake_costs_its_own_cell(tmp_path, which):
+    mistakes, expected, expected_messages = PLANTED[which]
     submission = tmp_path / "planted" / LESSON / "paillier.ipynb"
     submission.parent.mkdir(parents=True)
-    nbformat.write(planted_submission(), submission)
+    nbformat.write(planted_submission(mistakes), submission)
     out = tmp_path / "planted.json"
     result = run_autograder("grade", str(tmp_path / "planted"), "--student", "planted", "--json", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     notebook = read_json(out)["notebooks"][0]
     assert not notebook["errors"], notebook["errors"]
     scores = {cell["grade_id"]: cell["score"] for cell in notebook["cells"]}
-    assert scores == pytest.approx(EXPECTED), f"per-cell scores {scores}"
+    assert scores == pytest.approx(expected), f"per-cell scores {scores}"
     messages = {cell["grade_id"]: cell.get("message", "") for cell in notebook["cells"]}
-    for grade_id, fragment in MESSAGES.items():
+    for grade_id, fragment in expected_messages.items():
         assert fragment in messages[grade_id], f"{grade_id} should say why: {messages[grade_id]!r}"
