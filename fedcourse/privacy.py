@@ -161,12 +161,15 @@ def laplace_mechanism(value, sensitivity: float, epsilon: float, *, generator: t
 def gaussian_sigma(sensitivity: float, epsilon: float, delta: float) -> float:
     """sigma = sensitivity * sqrt(2 ln(1.25 / delta)) / epsilon (Dwork and Roth 2014, Thm A.1).
 
-    The classical bound, proved for epsilon < 1; for larger epsilon it is still computed (the
-    lesson discusses its limits) but no longer a proof of (epsilon, delta)-DP.
+    The classical bound is proved only for epsilon < 1 (for large epsilon it is provably too
+    small), so larger budgets raise ``ValueError``: use the RDP accountant for those.
     """
     sensitivity = _check_positive(sensitivity, "sensitivity")
     epsilon = _check_epsilon(epsilon)
     delta = _check_delta(delta)
+    if not epsilon < 1:
+        raise ValueError(f"the classical Gaussian bound holds only for epsilon < 1, got {epsilon}; "
+                         "for larger budgets calibrate with the RDP accountant (compute_epsilon)")
     return sensitivity * math.sqrt(2 * math.log(1.25 / delta)) / epsilon
 
 
@@ -271,6 +274,11 @@ def train_dp_sgd(model: nn.Module, dataset, *, epochs: float, sampling_rate: flo
 
     from fedcourse.training import get_device
 
+    sampling_rate = _check_sampling_rate(sampling_rate)
+    max_norm = _check_positive(max_norm, "max_norm (the clipping norm C)")
+    noise_multiplier = _check_noise(noise_multiplier)
+    if not epochs > 0:
+        raise ValueError(f"epochs must be > 0, got {epochs}")
     inputs, targets = dataset.tensors
     device = get_device() if device is None else torch.device(device)
     home = next(model.parameters()).device
@@ -280,10 +288,13 @@ def train_dp_sgd(model: nn.Module, dataset, *, epochs: float, sampling_rate: flo
     expected = sampling_rate * len(inputs)
     batches = poisson_batches(len(inputs), sampling_rate, steps, generator=generator)
     for batch in tqdm(batches, total=steps, desc="DP-SGD", disable=not progress):
-        if len(batch) == 0:
-            continue  # an empty Poisson batch still counts as a step (noise only); skip the no-op
-        x, y = inputs[batch].to(device), targets[batch].to(device)
-        gradient = dp_sgd_gradient(per_sample_gradients(model, x, y), max_norm, noise_multiplier,
+        if len(batch) > 0:
+            per_sample = per_sample_gradients(model, inputs[batch].to(device), targets[batch].to(device))
+        else:
+            # An empty Poisson batch still takes a step, of noise alone: skipping it would reveal
+            # that the batch was empty, which the accountant's analysis does not allow for.
+            per_sample = {name: torch.zeros(0, *p.shape, device=device) for name, p in model.named_parameters()}
+        gradient = dp_sgd_gradient(per_sample, max_norm, noise_multiplier,
                                    generator=generator, expected_batch_size=expected)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -361,6 +372,8 @@ def compute_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, d
     steps = int(steps)
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    _check_sampling_rate(sampling_rate)
+    _check_noise(noise_multiplier)
     _check_delta(delta)
     if steps == 0:
         return 0.0
@@ -411,6 +424,8 @@ class RDPAccountant:
         self.steps = 0
 
     def step(self, *, noise_multiplier: float, sampling_rate: float, num_steps: int = 1) -> None:
+        if int(num_steps) != num_steps or num_steps < 0:
+            raise ValueError(f"num_steps must be a non-negative integer, got {num_steps}")
         self.rdp = self.rdp + num_steps * rdp_subsampled_gaussian(sampling_rate, noise_multiplier, self.orders)
         self.steps += num_steps
 

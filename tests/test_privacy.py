@@ -55,6 +55,26 @@ def test_laplace_and_gaussian_noise_have_the_calibrated_scale():
     (lambda: privacy.compute_epsilon(1.5, 1.0, 10, 1e-5), "sampling_rate"),
     (lambda: privacy.noise_multiplier_for_epsilon(-1.0, 0.1, 10, 1e-5), "epsilon"),
     (lambda: privacy.randomized_response_epsilon(1.0), "p_truth"),
+    (lambda: privacy.gaussian_sigma(1.0, 1.5, 1e-5), "epsilon < 1"),
+    (lambda: privacy.gaussian_sigma(1.0, 0.0, 1e-5), "epsilon"),
+    (lambda: privacy.compute_epsilon(0.1, 1.0, 10, 0.0), "delta"),
+    (lambda: privacy.compute_epsilon(0.0, 1.0, 0, 1e-5), "sampling_rate"),
+    (lambda: privacy.rdp_to_epsilon([1.0], [2.0], -0.1), "delta"),
+    (lambda: privacy.noise_multiplier_for_epsilon(1.0, 1.2, 10, 1e-5), "sampling_rate"),
+    (lambda: privacy.noise_multiplier_for_epsilon(1.0, 0.1, 10, 1.0), "delta"),
+    (lambda: privacy.noise_multiplier_for_epsilon(0.0, 0.1, 10, 1e-5), "epsilon"),
+    (lambda: privacy.RDPAccountant().step(noise_multiplier=1.0, sampling_rate=0.0), "sampling_rate"),
+    (lambda: privacy.RDPAccountant().get_epsilon(1.0), "delta"),
+    (lambda: list(privacy.poisson_batches(10, 1.5, 1, generator=gen())), "sampling_rate"),
+    (lambda: privacy.train_dp_sgd(nn.Linear(2, 2), torch.utils.data.TensorDataset(torch.ones(4, 2), torch.zeros(4).long()),
+                                  epochs=1, sampling_rate=0.0, max_norm=1.0, noise_multiplier=1.0, lr=0.1), "sampling_rate"),
+    (lambda: privacy.train_dp_sgd(nn.Linear(2, 2), torch.utils.data.TensorDataset(torch.ones(4, 2), torch.zeros(4).long()),
+                                  epochs=1, sampling_rate=0.5, max_norm=-1.0, noise_multiplier=1.0, lr=0.1), "max_norm"),
+    (lambda: privacy.dp_sgd_gradient({"w": torch.ones(2, 3)}, 0.0, 1.0, generator=gen()), "max_norm"),
+    (lambda: privacy.clip_update({"w": torch.ones(3)}, -1.0), "clip_norm"),
+    (lambda: privacy.dp_fedavg_aggregate({"w": torch.zeros(2)}, [], clip_norm=0.0, noise_multiplier=1.0,
+                                         expected_clients=1, generator=gen()), "clip_norm"),
+    (lambda: privacy.DPFedAvgAggregator(nn.Linear(2, 1), clip_norm=0.0, noise_multiplier=1.0, expected_clients=1), "clip_norm"),
 ])
 def test_invalid_parameters_raise_a_clear_value_error(call, word):
     with pytest.raises(ValueError, match=word):
@@ -121,6 +141,19 @@ def test_dp_sgd_training_learns_and_respects_the_budget():
                                  noise_multiplier=1.0, lr=2.0, seed=0, device="cpu")
     assert steps == 40
     assert evaluate(model, test, device="cpu")[1] > 0.75
+
+
+def test_an_empty_poisson_batch_still_takes_a_noise_step():
+    # Skipping an empty batch would reveal that it was empty; DP-SGD still adds the noise.
+    model = nn.Linear(2, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = torch.utils.data.TensorDataset(torch.ones(3, 2), torch.zeros(3).long())
+    steps = privacy.train_dp_sgd(model, data, epochs=0.002, sampling_rate=0.001, max_norm=1.0,
+                                 noise_multiplier=1.0, lr=1.0, seed=0, device="cpu")
+    assert steps == 2
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    empty = privacy.dp_sgd_gradient({"w": torch.zeros(0, 50_000)}, 2.0, 1.5, generator=gen(5), expected_batch_size=1)
+    assert empty["w"].std().item() == pytest.approx(3.0, rel=0.05)
 
 
 # --- accountant --------------------------------------------------------------------------------
