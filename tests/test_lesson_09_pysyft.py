@@ -1,8 +1,8 @@
 """Lesson 09 (PySyft datasites): its own environment and kernel, its setup cell, and its tests.
 
 The lesson runs in a kernel made from requirements-pysyft.txt (syft 0.9.5 needs numpy < 2);
-the main environment's nbgrader grades it there. The last test grades a submission with the
-mistakes the lesson's hidden tests exist for, in that kernel (one notebook run).
+the main environment's nbgrader grades it there. The last test grades two submissions with the
+mistakes the lesson's hidden tests exist for, in that kernel (two shortened notebook runs).
 """
 
 from __future__ import annotations
@@ -195,47 +195,101 @@ def _solution_body(grade_id: str) -> str:
     return re.sub(r"\s*### (BEGIN|END) SOLUTION", "", source)
 
 
+GRADED = ("make_dataset", "train_on_site", "submit_round", "review", "fedavg_weights")
+
+# Two submissions, each with one planted mistake per graded cell: every mistake must cost its own
+# cell all its points and nothing else. mallory has the four mistakes issue 7 lists (and a correct
+# submit_round, which proves that syft ran); eve has a second, independent set, including the
+# training function that returns data.
 MISTAKES = {
-    # the mock is real digits in another order: same schema, everyone's data
-    "make_dataset": ("rng = np.random.default_rng(seed)\n    low, high", "rng = np.random.default_rng(seed)\n"
-                     "    return images[rng.permutation(len(images))[:size]].copy(), rng.integers(0, 10, size).astype(labels.dtype)\n"
-                     "    low, high"),
-    # shuffles the site's data in place (and so trains fine)
-    "train_on_site": ("model.load_state_dict(", "order = np.random.default_rng(seed).permutation(len(labels))\n"
-                      "    images[:] = images[order]\n    labels[:] = labels[order]\n    model.load_state_dict("),
-    # approves everything
-    "review": ("    try:\n        result = request.code.run(**inputs)", "    request.approve()\n    return True\n"
-               "    try:\n        result = request.code.run(**inputs)"),
-    # the plain mean of the results
-    "fedavg_weights": ("total = float(sum(sizes))", "sizes = [1] * len(sizes)\n    total = float(sum(sizes))"),
+    "mallory": {
+        # the mock is real digits in another order: same schema, everyone's data
+        "make_dataset": [("rng = np.random.default_rng(seed)\n    low, high", "rng = np.random.default_rng(seed)\n"
+                          "    return images[rng.permutation(len(images))[:size]].copy(), rng.integers(0, 10, size).astype(labels.dtype)\n"
+                          "    low, high")],
+        # shuffles the site's data in place (and so trains fine)
+        "train_on_site": [("model.load_state_dict(", "order = np.random.default_rng(seed).permutation(len(labels))\n"
+                           "    images[:] = images[order]\n    labels[:] = labels[order]\n    model.load_state_dict(")],
+        # approves everything
+        "review": [("    try:\n        result = request.code.run(**inputs)", "    request.approve()\n    return True\n"
+                    "    try:\n        result = request.code.run(**inputs)")],
+        # the plain mean of the results
+        "fedavg_weights": [("total = float(sum(sizes))", "sizes = [1] * len(sizes)\n    total = float(sum(sizes))")],
+    },
+    "eve": {
+        # the mock is a noisy copy of the site's first digits
+        "make_dataset": [("mock_images = rng.uniform(low, high, size=(size, *images.shape[1:])).astype(images.dtype)",
+                          "mock_images = np.clip(images[:size] + rng.normal(0, 0.3, size=(size, *images.shape[1:])),"
+                          " low, high).astype(images.dtype)")],
+        # returns the labels along with the weights
+        "train_on_site": [("    return {name: value.detach().numpy().astype(np.float32).copy() for name, value in model.state_dict().items()}",
+                           "    new_weights = {name: value.detach().numpy().astype(np.float32).copy()\n"
+                           "                   for name, value in model.state_dict().items()}\n"
+                           "    return {**new_weights, \"labels\": np.asarray(labels).copy()}")],
+        # the notebook's SEED in every round, not the round number
+        "submit_round": [("seed=sy.Constant(val=round_number)", "seed=sy.Constant(val=SEED)")],
+        # checks the keys, not what is under them
+        "review": [("        for name, shape in expected_shapes.items():", "        for name, shape in {}.items():")],
+        # averages into the first result's arrays
+        "fedavg_weights": [("    return {name: sum(", "    average = results[0]\n    for name in average:\n"
+                            "        average[name] *= sizes[0] / total\n"
+                            "        for size, result in zip(sizes[1:], results[1:]):\n"
+                            "            average[name] += (size / total) * result[name]\n"
+                            "    return average\n    return {name: sum(")],
+    },
+}
+
+EXPECTED = {
+    "mallory": ({"test_make_dataset": (0, 2), "test_train_on_site": (0, 3), "test_submit_round": (2, 2),
+                 "test_review": (0, 3), "test_fedavg_weights": (0, 2)},
+                {"test_make_dataset": "the mock leaks private data",
+                 "test_train_on_site": "modified the images or labels",
+                 "test_review": "review must reject",
+                 "test_fedavg_weights": "sizes [30, 10]"}),
+    "eve": ({"test_make_dataset": (0, 2), "test_train_on_site": (0, 3), "test_submit_round": (0, 2),
+             "test_review": (0, 3), "test_fedavg_weights": (0, 2)},
+            {"test_make_dataset": "the mock leaks private data",
+             "test_train_on_site": "return exactly the model's weights",
+             "test_submit_round": "settings and seed as asked",
+             "test_review": "review must reject data_in_disguise",
+             "test_fedavg_weights": "the inputs must not change"}),
 }
 
 
-def test_each_listed_mistake_loses_its_own_points(tmp_path):
-    """One submission, four independent mistakes: each costs its own cell and nothing else."""
+def _submission(mistakes: dict) -> nbformat.NotebookNode:
+    """The released notebook answered with the solutions and `mistakes` planted; the experiments
+    after the last graded cell are emptied (they grade nothing), except the shutdown cell."""
     nb = nbformat.read(RELEASE, as_version=4)
-    for grade_id in ("make_dataset", "train_on_site", "submit_round", "review", "fedavg_weights"):
+    for grade_id in GRADED:
         body = _solution_body(grade_id)
-        if grade_id in MISTAKES:
-            old, new = MISTAKES[grade_id]
-            assert old in body, grade_id
-            body = body.replace(old, new, 1)
+        for old, new in mistakes.get(grade_id, ()):
+            assert body.count(old) == 1, f"the planted mistake for {grade_id} no longer matches the solution: {old!r}"
+            body = body.replace(old, new)
         _cell(nb, grade_id).source = body
+    last_test = max(i for i, c in enumerate(nb.cells) if c.metadata.get("nbgrader", {}).get("grade"))
+    for cell in nb.cells[last_test + 1:]:
+        if cell.cell_type == "code" and "server.land()" not in cell.source:
+            cell.source = ""
+    return nb
+
+
+@pytest.mark.parametrize("student", sorted(MISTAKES))
+def test_each_planted_mistake_loses_its_own_points(tmp_path, student):
+    """One submission, one mistake per graded cell: each costs its own cell and nothing else."""
+    nb = _submission(MISTAKES[student])
     # Saved from Colab, where every notebook says "python3": nbgrader must still run it in the
-    # PySyft kernel that the source names (submit_round's full marks prove that syft ran).
+    # PySyft kernel that the source names (mallory's full marks on submit_round prove that syft ran).
     nb.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    folder = tmp_path / "mallory" / LESSON
+    folder = tmp_path / student / LESSON
     folder.mkdir(parents=True)
     nbformat.write(nb, folder / f"{NOTEBOOK}.ipynb")
-    out = tmp_path / "mallory.json"
-    result = run_autograder("grade", str(folder), "--student", "mallory", "--json", str(out), timeout=1200)
+    out = tmp_path / f"{student}.json"
+    result = run_autograder("grade", str(folder), "--student", student, "--json", str(out), timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     notebook = read_json(out)["notebooks"][0]
     scores = {cell["grade_id"]: (cell["score"], cell["max_score"]) for cell in notebook["cells"]}
     messages = {cell["grade_id"]: cell.get("message", "") for cell in notebook["cells"]}
-    assert scores == {"test_make_dataset": (0, 2), "test_train_on_site": (0, 3), "test_submit_round": (2, 2),
-                      "test_review": (0, 3), "test_fedavg_weights": (0, 2)}, json.dumps(notebook, indent=1)
-    assert "the mock leaks private data" in messages["test_make_dataset"]
-    assert "modified the images or labels" in messages["test_train_on_site"]
-    assert "review must reject" in messages["test_review"]
-    assert "sizes [30, 10]" in messages["test_fedavg_weights"]
+    expected_scores, expected_messages = EXPECTED[student]
+    assert scores == expected_scores, json.dumps(notebook, indent=1)
+    for grade_id, text in expected_messages.items():
+        assert text in messages[grade_id], (grade_id, messages[grade_id])
