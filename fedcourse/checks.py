@@ -6,7 +6,9 @@ what came back and why it matters.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import types
 from collections.abc import Callable, Mapping
 
 import torch
@@ -43,11 +45,27 @@ def _describe_difference(actual: torch.Tensor, expected: torch.Tensor) -> str:
             f" expected {expected[worst].item():.6g}, got {actual[worst].item():.6g}")
 
 
+# The course's toolbox: data, models, loops and plots that any graded function may use. Every
+# other fedcourse module holds a lesson's reference implementation, which a graded function
+# must not hand its work to; the few given tools among them are marked with @toolbox.
+TOOLBOX_MODULES = frozenset({"fedcourse", "fedcourse.checks", "fedcourse.environment", "fedcourse.mnist",
+                             "fedcourse.models", "fedcourse.partition", "fedcourse.plots", "fedcourse.training"})
+
+
+def toolbox(func: Callable) -> Callable:
+    """Mark a function of a reference module as a given tool that graded functions may use
+    (lesson 01's wire format, say), so that `check_own_work` lets it through."""
+    func.__fedcourse_toolbox__ = True
+    return func
+
+
 def check_own_work(func: Callable, reference: str = "fedcourse") -> None:
-    """Fail unless `func` was written in the notebook, not imported from the course's library.
+    """Fail unless `func` was written in the notebook, not taken from the course's library.
 
     The library carries reference implementations that later lessons build on; a graded
-    function that only forwards to one of them earns nothing.
+    function that only forwards to one of them earns nothing, whether it names the library
+    or reaches a reference through a name it was imported under (``import fedcourse.fedavg as
+    reference``), a default argument or a captured variable.
     """
     name = getattr(func, "__name__", repr(func))
     module = getattr(func, "__module__", None)
@@ -56,10 +74,57 @@ def check_own_work(func: Callable, reference: str = "fedcourse") -> None:
     try:
         source = inspect.getsource(func)
     except (OSError, TypeError):
-        return
+        source = ""
     if reference in source:
         raise AssertionError(f"{name} calls the course's reference implementation ({reference}); "
                              "write your own in the cell above")
+    for how, value in _values_used(func):
+        origin = _reference_origin(value, reference)
+        if origin:
+            raise AssertionError(f"{name} uses {how}, which is {origin}, the course's reference implementation: "
+                                 f"write your own {name} in the cell above, without it")
+
+
+def _values_used(func: Callable):
+    """(how it is reached, value) for each global name, default and captured variable of `func`."""
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return
+
+    def names(code):
+        yield from code.co_names
+        for constant in code.co_consts:
+            if isinstance(constant, types.CodeType):  # lambdas, comprehensions, nested functions
+                yield from names(constant)
+
+    namespace = getattr(func, "__globals__", {})
+    for global_name in sorted(set(names(code))):
+        if global_name in namespace:
+            yield f"`{global_name}`", namespace[global_name]
+    defaults = (func.__defaults__ or ()) + tuple((func.__kwdefaults__ or {}).values())
+    yield from (("a default argument", value) for value in defaults)
+    for cell in func.__closure__ or ():
+        try:
+            yield "a captured variable", cell.cell_contents
+        except ValueError:  # a variable not assigned yet
+            continue
+
+
+def _reference_origin(value, reference: str) -> str | None:
+    """'fedcourse.fedavg.fedavg' if `value` is a function or module of a reference implementation."""
+    if isinstance(value, types.ModuleType):
+        where, what = value.__name__, value.__name__
+    elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)):
+        target = value.func if isinstance(value, functools.partial) else value
+        if getattr(target, "__fedcourse_toolbox__", False):
+            return None
+        where = getattr(target, "__module__", None) or ""
+        what = f"{where}.{getattr(target, '__qualname__', getattr(target, '__name__', '?'))}"
+    else:
+        return None
+    if (where == reference or where.startswith(reference + ".")) and where not in TOOLBOX_MODULES:
+        return what
+    return None
 
 
 def expect_raises(error: type[BaseException], func: Callable, *args, because: str, **kwargs) -> BaseException:

@@ -71,6 +71,8 @@ from typing import Any
 
 import torch
 
+from fedcourse.checks import toolbox
+
 __all__ = [
     "VirtualWorker", "PointerTensor", "TorchHook", "PointerLocationError", "PointerError",
     "serialize", "deserialize", "send", "local_worker",
@@ -152,6 +154,7 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
+@toolbox
 def serialize(obj: Any) -> bytes:
     """Bytes for `obj`; tensors travel as dtype, shape, raw values, requires_grad and gradient."""
     buffer = io.BytesIO()
@@ -164,6 +167,7 @@ class _Unpickler(pickle.Unpickler):
         return _UNNAMED_CODE[key]
 
 
+@toolbox
 def deserialize(data: bytes) -> Any:
     """The object `serialize` packed: a fresh copy that shares nothing with the sender's."""
     return _Unpickler(io.BytesIO(data)).load()

@@ -75,3 +75,50 @@ def test_check_own_work_rejects_the_library_reference():
 
     with pytest.raises(AssertionError, match="comes from fedcourse.aggregation"):
         check_own_work(weighted_average)
+
+
+def _notebook_function(source: str, name: str):
+    """`name` as a notebook cell defines it: in a namespace called __main__."""
+    namespace = {"__name__": "__main__"}
+    exec(compile(source, "<notebook cell>", "exec"), namespace)
+    return namespace[name]
+
+
+@pytest.mark.parametrize("source", [
+    # the module under the name a lesson imports it as
+    "import fedcourse.fedavg as reference\n"
+    "def fedavg(states, weights):\n    return reference.fedavg(states, weights)",
+    # a reference function imported under another name
+    "from fedcourse.aggregation import weighted_average as average\n"
+    "def fedavg(states, weights):\n    return average(states, weights)",
+    # hidden in a comprehension
+    "from fedcourse.fedavg import fedavg as helper\n"
+    "def fedavg(states, weights):\n    return [helper(states, weights) for _ in range(1)][0]",
+    # a default argument and a captured variable
+    "import fedcourse.fedavg as reference\n"
+    "def fedavg(states, weights, average=reference.fedavg):\n    return average(states, weights)",
+    "import fedcourse.fedavg as reference\n"
+    "def make():\n    average = reference.fedavg\n"
+    "    def fedavg(states, weights):\n        return average(states, weights)\n    return fedavg\n"
+    "fedavg = make()",
+])
+def test_check_own_work_sees_through_other_names(source):
+    from fedcourse.checks import check_own_work
+
+    with pytest.raises(AssertionError, match=r"uses .*fedcourse\.(fedavg|aggregation)"):
+        check_own_work(_notebook_function(source, "fedavg"))
+
+
+def test_check_own_work_accepts_own_code_that_uses_the_toolbox():
+    from fedcourse.checks import check_own_work
+
+    own = _notebook_function(
+        "import torch\nfrom fedcourse.training import set_seed\nfrom fedcourse.fedavg import RoundResult\n"
+        "import fedcourse.fedavg as reference\n"
+        "def fedavg(states, weights):\n"
+        "    set_seed(0)\n"
+        "    total = sum(weights)\n"
+        "    return {k: sum(w * s[k] for w, s in zip(weights, states)) / total for k in states[0]}\n"
+        "def run(x):\n    return RoundResult, [fedavg(*x) for _ in range(2)]", "run")
+    check_own_work(own)
+    check_own_work(own.__globals__["fedavg"])
