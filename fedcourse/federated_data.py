@@ -32,15 +32,17 @@ PySyft 0.2 did, so that ``load_mnist("train").federate((bob, alice))`` reads lik
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fedcourse.pointers import PointerTensor, VirtualWorker, send
 
@@ -173,6 +175,9 @@ def hook_datasets() -> None:
     Dataset.federate = federate
 
 
+_DATALOADER_OPTIONS = frozenset(inspect.signature(DataLoader).parameters) - {"self", "dataset"}
+
+
 class FederatedDataLoader:
     """Batches of a ``FederatedDataset``, each one cut out at, and left at, its worker.
 
@@ -182,10 +187,19 @@ class FederatedDataLoader:
     each part and the order of the batches across workers are shuffled by a generator seeded
     with ``seed``: the same seed gives the same epochs, whatever else used random numbers.
     Without ``shuffle``, the workers take turns batch by batch, each in its own order.
+
+    Like PySyft 0.2's, it accepts the ``DataLoader`` options it has no use for (the tutorials
+    pass ``num_workers`` and ``pin_memory`` when CUDA is available) and warns that it ignores them.
     """
 
     def __init__(self, federated_dataset: FederatedDataset, batch_size: int = 8, shuffle: bool = False,
-                 seed: int = 0, drop_last: bool = False) -> None:
+                 seed: int = 0, drop_last: bool = False, **unsupported_options) -> None:
+        if unsupported_options:
+            unknown = sorted(set(unsupported_options) - _DATALOADER_OPTIONS)
+            if unknown:
+                raise TypeError(f"FederatedDataLoader got unexpected keyword argument(s) {', '.join(unknown)}")
+            options = ", ".join(f"{key}={value!r}" for key, value in unsupported_options.items())
+            warnings.warn(f"FederatedDataLoader ignores these DataLoader options: {options}", stacklevel=2)
         if not isinstance(federated_dataset, FederatedDataset):
             raise TypeError(f"FederatedDataLoader needs a FederatedDataset, got {type(federated_dataset).__name__}")
         if int(batch_size) != batch_size or batch_size < 1:

@@ -8,15 +8,18 @@ Code written for the classic PySyft 0.2 tutorials runs with only its import line
     hook = sy.TorchHook(torch)
     bob = sy.VirtualWorker(hook, id="bob")
     x_ptr = torch.tensor([1, 2, 3]).send(bob)
+    x_ptr.owner == sy.local_worker            # True: "me", the worker the hook created
 
 Workers, pointers and the hook come from ``fedcourse.pointers`` (lesson 01); federated data sets
 and the federated data loader from ``fedcourse.federated_data`` (lesson 02). As in PySyft 0.2,
-the hook also gives every ``torch.utils.data.Dataset`` a ``federate((bob, alice))`` method.
+the hook also gives every ``torch.utils.data.Dataset`` a ``federate((bob, alice))`` method, and
+``sy.local_worker`` is the local worker itself (an attribute, not a function), the one the
+latest hook created.
 """
 
 from fedcourse import pointers as _pointers
 from fedcourse.federated_data import BaseDataset, FederatedDataLoader, FederatedDataset, hook_datasets
-from fedcourse.pointers import PointerError, PointerLocationError, PointerTensor, VirtualWorker, local_worker
+from fedcourse.pointers import PointerError, PointerLocationError, PointerTensor, VirtualWorker
 
 __all__ = [
     "TorchHook", "VirtualWorker", "PointerTensor", "PointerError", "PointerLocationError",
@@ -30,3 +33,10 @@ class TorchHook(_pointers.TorchHook):
     def __init__(self, torch_module, *args, **kwargs):
         super().__init__(torch_module, *args, **kwargs)
         hook_datasets()
+
+
+def __getattr__(name):
+    # ``sy.local_worker`` follows the hook: each TorchHook(torch) makes a new local worker "me".
+    if name == "local_worker":
+        return _pointers.local_worker()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -197,6 +197,10 @@ def test_loader_checks_its_arguments(three_parts):
         FederatedDataLoader(federated, batch_size=0)
     with pytest.raises(TypeError, match="FederatedDataset"):
         FederatedDataLoader(TensorDataset(*indexed(4)), batch_size=2)
+    with pytest.raises(TypeError, match="shufle"):
+        FederatedDataLoader(federated, batch_size=2, shufle=True)
+    with pytest.warns(UserWarning, match="ignores these DataLoader options: num_workers=1"):
+        assert len(FederatedDataLoader(federated, batch_size=2, num_workers=1)) > 0
 
 
 def test_train_on_batch_is_one_sgd_step_at_the_worker_and_only_weights_travel(hook):

@@ -1,8 +1,11 @@
 """Lesson 02's hidden tests catch the mistakes issue 3 lists: graded submissions, per-cell scores.
 
-Each submission below plants one mistake per graded cell, so that a cell's zero is caused by
-its own mistake (the tests of each cell build their inputs with the library's reference
-versions, never with the student's other cells). The submissions train for zero epochs: the
+Each submission below plants at most one mistake per graded cell, so that a cell's zero is
+caused by its own mistake (the tests of each cell build their inputs with the library's
+reference versions, never with the student's other cells). Together they cover: unbalanced
+or mislabelled parts, a loader that skips, repeats, fetches the data or ignores its seed, a
+step whose model never comes back or whose gradients stay at the worker, local training on
+fetched data, and cells that only forward to the reference. The submissions train for zero epochs: the
 training cells are not graded and would only make the run longer.
 """
 
@@ -152,6 +155,8 @@ SUBMISSIONS = {
     "unbalanced-skips-noget": ((FEDERATE_UNBALANCED, LOADER_SKIPS, STEP_NO_GET), (0, 0, 0)),
     "fetching-loader-local-step": ((FEDERATE_OK, LOADER_FETCHES, STEP_LOCAL), (3, 0, 0)),
     "forwards-to-the-reference": ((FEDERATE_FORWARDS, LOADER_FORWARDS, STEP_OK), (0, 0, 3)),
+    "mismatched-repeats-gradients-stay": ((FEDERATE_MISMATCHED, LOADER_REPEATS, STEP_GET_TOO_EARLY), (0, 0, 0)),
+    "unseeded-loader": ((FEDERATE_OK, LOADER_UNSEEDED, STEP_OK), (3, 0, 3)),
 }
 
 
@@ -175,3 +180,46 @@ def test_each_planted_mistake_loses_its_cells_points(graded, student):
     cells = {c["grade_id"]: c["score"] for c in graded[student]["notebooks"][0]["cells"]}
     expected = dict(zip(CELLS, SUBMISSIONS[student][1]))
     assert {cell: cells[cell] for cell in CELLS} == expected
+
+
+# --- the optional full-scale switch ------------------------------------------------------------
+
+FULL_SCALE_RUN = """
+import json, sys
+import torch
+nb = json.load(open(sys.argv[1]))
+code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+(imports,) = [c for c in code if "hook = sy.TorchHook(torch)" in c]
+(federate_cell,) = [c for c in code if c.startswith("def federate(")]
+(federated,) = [c for c in code if "federated_train = federate(on_device, (bob, alice))" in c and "FULL_SCALE" not in c]
+(full,) = [c for c in code if "FULL_SCALE = False" in c]
+namespace = {"__name__": "__main__"}
+for cell in (imports, federate_cell, federated):
+    exec(cell, namespace)
+sample = namespace["load_mnist"]
+asked = []
+def stand_in(split, source="sample", **kwargs):  # the sample stands in for the full MNIST
+    asked.append((split, source))
+    data = sample(split)
+    return type(data)(*(t[:600] for t in data.tensors))
+namespace["load_mnist"] = stand_in
+exec(full.replace("FULL_SCALE = False", "FULL_SCALE = True"), namespace)
+assert asked == [("train", "full"), ("test", "full")], asked
+assert len(namespace["train_set"]) == 600 and len(namespace["federated_train"]) == 600
+assert [len(p) for p in namespace["federated_train"].parts.values()] == [300, 300]
+print("full scale:", namespace["EPOCHS"], "epochs on", len(namespace["train_set"]), "digits")
+"""
+
+
+def test_the_full_scale_switch_federates_the_full_mnist(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(FULL_SCALE_RUN),
+                             str(REPO / "solutions" / LESSON / "federated-mnist.ipynb")],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env=dict(os.environ, MPLBACKEND="Agg"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "full scale: 3 epochs on 600 digits" in result.stdout

@@ -7,6 +7,7 @@ Each test is a snippet in the style of those tutorials (hook, workers, send/get,
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn, optim
 
@@ -16,6 +17,7 @@ hook = sy.TorchHook(torch)
 
 
 def test_part_1_send_a_tensor_to_bob_and_get_it_back():
+    hook = sy.TorchHook(torch)
     bob = sy.VirtualWorker(hook, id="bob")
     x = torch.tensor([1, 2, 3, 4, 5])
     y = torch.tensor([1, 1, 1, 1, 1])
@@ -24,13 +26,29 @@ def test_part_1_send_a_tensor_to_bob_and_get_it_back():
     assert len(bob._objects) == 2
     assert x_ptr.location == bob
     assert x_ptr.id_at_location in bob._objects
-    assert x_ptr.owner is sy.local_worker() and x_ptr.owner.id == "me"
+    assert bob == x_ptr.location
+    assert isinstance(x_ptr.id, int) and x_ptr.id != x_ptr.id_at_location
+    me = sy.local_worker  # PySyft 0.2: an attribute, the worker TorchHook created
+    assert me == x_ptr.owner and me.id == "me" and me is hook.local_worker
     assert str(x_ptr).startswith("(Wrapper)>[PointerTensor | me:") and "-> bob:" in str(x_ptr)
     z = x_ptr + y_ptr
     assert torch.equal(z.get(), torch.tensor([2, 3, 4, 5, 6]))
     assert torch.equal(x_ptr.get(), x)
     assert torch.equal(y_ptr.get(), y)
     assert len(bob._objects) == 0
+    assert bob._objects == {}
+
+
+def test_workers_by_positional_id_and_clear_objects():
+    jon = sy.VirtualWorker(hook, "jon")
+    assert jon.id == "jon"
+    torch.tensor([1, 2]).send(jon), torch.tensor([3]).send(jon)
+    assert len(jon._objects) == 0, "dropped pointers delete their objects"
+    kept = [torch.tensor([1, 2]).send(jon), torch.tensor([3]).send(jon)]
+    assert len(jon._objects) == 2
+    jon.clear_objects()
+    assert jon._objects == {}
+    assert len(kept) == 2
 
 
 def test_part_2_pointer_arithmetic_and_torch_functions():
@@ -156,6 +174,10 @@ def test_federated_mnist_tutorial_with_federate_and_the_federated_data_loader():
         TensorDataset(images[:512], labels[:512])
         .federate((bob, alice)),  # <-- NEW: we distribute the dataset across all the workers, it's now a FederatedDataset
         batch_size=args.batch_size, shuffle=True)
+    with pytest.warns(UserWarning, match="num_workers=1, pin_memory=True"):
+        kwargs = {'num_workers': 1, 'pin_memory': True}  # what the tutorial passes when CUDA is available
+        sy.FederatedDataLoader(TensorDataset(images[:8], labels[:8]).federate((bob, alice)),
+                               batch_size=args.batch_size, shuffle=True, **kwargs)
 
     class Net(nn.Module):
         def __init__(self):
