@@ -4,7 +4,7 @@ Modules, by what a lesson needs:
 
 - ``fedcourse.mnist``        MNIST: IDX reader, the embedded sample and the full download
 - ``fedcourse.partition``    splitting a data set across clients (IID, shards, Dirichlet, quantity skew)
-- ``fedcourse.models``       the course's models (tutorial CNN, McMahan CNN and 2NN, logistic regression)
+- ``fedcourse.models``       the course's models (PyTorch's MNIST example CNN, McMahan CNN and 2NN, logistic regression)
 - ``fedcourse.training``     seeding, device choice, train and evaluate loops
 - ``fedcourse.plots``        the plots lessons share
 - ``fedcourse.environment``  the environment report lesson 00 prints

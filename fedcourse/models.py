@@ -17,7 +17,10 @@ __all__ = ["TutorialCNN", "McMahanCNN", "McMahan2NN", "LogisticRegression", "cou
 
 
 class TutorialCNN(nn.Module):
-    """The CNN of the classic PySyft federated-MNIST tutorial (PyTorch's MNIST example network).
+    """Today's PyTorch MNIST example network, which lesson 01 runs the classic PySyft loop on.
+
+    (The PySyft 0.2 federated-MNIST tutorial used the example's older, smaller network, 5x5 convs
+    with 20 and 50 channels and fc 500; lesson 02 writes that one out and trains it.)
 
     conv 3x3 1->32, ReLU, conv 3x3 32->64, ReLU, max-pool 2, flatten (64 x 12 x 12 = 9216),
     fc 9216->128, ReLU, fc 128->10, log_softmax. 1,199,882 parameters.
