@@ -67,3 +67,56 @@ def copy_course(dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+# --- planted-mistake submissions: the released lesson answered with the solutions, some changed --
+
+SOLUTION_MARKERS = {"### BEGIN SOLUTION", "### END SOLUTION"}
+
+
+def lesson_notebook(folder: str, lesson: str) -> Path:
+    """The one notebook of `lesson` in solutions/ or lessons/."""
+    (path,) = sorted((REPO / folder / lesson).glob("*.ipynb"))
+    return path
+
+
+def solution_answers(lesson: str) -> dict[str, str]:
+    """The instructor's answer in each solution cell of `lesson`, by grade_id, without nbgrader's markers."""
+    source = nbformat.read(lesson_notebook("solutions", lesson), as_version=4)
+    return {cell.metadata["nbgrader"]["grade_id"]:
+            "\n".join(line for line in cell.source.splitlines() if line.strip() not in SOLUTION_MARKERS)
+            for cell in source.cells if cell.metadata.get("nbgrader", {}).get("solution")}
+
+
+def answered_release(lesson: str, mistakes: dict | None = None) -> nbformat.NotebookNode:
+    """The released notebook of `lesson`, every solution cell answered as the instructor did, with
+    `mistakes` planted: grade_id -> a whole answer (str), or [(text of the answer, replacement)],
+    each text found exactly once, so that a planted mistake cannot silently stop matching."""
+    mistakes = mistakes or {}
+    answers = solution_answers(lesson)
+    unknown = set(mistakes) - set(answers)
+    assert not unknown, f"planted mistakes name cells that are not solution cells: {sorted(unknown)}"
+    release = nbformat.read(lesson_notebook("lessons", lesson), as_version=4)
+    for cell in release.cells:
+        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if grade_id not in answers:
+            continue
+        answer = answers[grade_id]
+        change = mistakes.get(grade_id, [])
+        if isinstance(change, str):
+            answer = change
+        else:
+            for right, wrong in change:
+                assert answer.count(right) == 1, \
+                    f"{grade_id}: the text to plant a mistake in no longer matches the solution: {right!r}"
+                answer = answer.replace(right, wrong)
+        cell.source = answer
+    return release
+
+
+def grade_submission(path: Path, student: str, out: Path, timeout: float = 900) -> dict:
+    """Grade `path` (a notebook, or a folder laid out like lessons/) with the real CLI; the JSON
+    entry of its (first) notebook."""
+    result = run_autograder("grade", str(path), "--student", student, "--json", str(out), timeout=timeout)
+    assert result.returncode == 0 and Path(out).exists(), result.stdout[-3000:] + result.stderr[-3000:]
+    return read_json(out)["notebooks"][0]

@@ -9,25 +9,12 @@ Every cell with a mistake must score zero and every other cell full marks.
 
 from __future__ import annotations
 
-import re
-
 import nbformat
 
-from conftest import REPO, read_json, run_autograder
+from conftest import answered_release, grade_submission
 
 LESSON = "01-pointer-tensors"
 NOTEBOOK = "pointer-tensors"
-
-
-def _solution_sources() -> dict[str, str]:
-    source = nbformat.read(REPO / "solutions" / LESSON / f"{NOTEBOOK}.ipynb", as_version=4)
-    return {c.metadata["nbgrader"]["grade_id"]: re.sub(r"\n?[ \t]*### (BEGIN|END) SOLUTION", "", c.source)
-            for c in source.cells if c.metadata.get("nbgrader", {}).get("solution")}
-
-
-def _replace(source: str, old: str, new: str) -> str:
-    assert old in source, f"the solution changed; update the planted mistake: {old!r}"
-    return source.replace(old, new)
 
 
 MISTAKES = {
@@ -52,19 +39,9 @@ WRONG_CELLS = {"test_pointer_tensor", "test_send_get", "test_run_remote", "test_
 
 
 def test_each_listed_mistake_costs_its_own_cell(tmp_path):
-    solutions = _solution_sources()
-    nb = nbformat.read(REPO / "lessons" / LESSON / f"{NOTEBOOK}.ipynb", as_version=4)
-    for cell in nb.cells:
-        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if cell.metadata.get("nbgrader", {}).get("solution"):
-            cell.source = solutions[grade_id]
-            if grade_id in MISTAKES:
-                cell.source = _replace(cell.source, *MISTAKES[grade_id])
     path = tmp_path / f"{NOTEBOOK}.ipynb"
-    nbformat.write(nb, path)
-    result = run_autograder("grade", str(path), "--student", "planted", "--json", str(tmp_path / "out.json"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    cells = {c["grade_id"]: c for c in read_json(tmp_path / "out.json")["notebooks"][0]["cells"]}
+    nbformat.write(answered_release(LESSON, {grade_id: [change] for grade_id, change in MISTAKES.items()}), path)
+    cells = {c["grade_id"]: c for c in grade_submission(path, "planted", tmp_path / "out.json")["cells"]}
     assert set(cells) >= WRONG_CELLS | {"test_virtual_worker", "test_move_and_delete"}
     for grade_id, cell in cells.items():
         expected = 0 if grade_id in WRONG_CELLS else cell["max_score"]

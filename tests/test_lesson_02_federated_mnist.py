@@ -14,7 +14,7 @@ from __future__ import annotations
 import nbformat
 import pytest
 
-from conftest import REPO, read_json, run_autograder
+from conftest import REPO, answered_release, grade_submission
 
 LESSON = "02-federated-mnist"
 RELEASE = REPO / "lessons" / LESSON / "federated-mnist.ipynb"
@@ -138,13 +138,10 @@ CELLS = ("test_federate", "test_federated_data_loader", "test_train_on_batch")
 
 def submission(federate_body: str, loader_body: str, step_body: str) -> nbformat.NotebookNode:
     """The released notebook with the three graded cells filled in, trained for zero epochs."""
-    nb = nbformat.read(RELEASE, as_version=4)
-    bodies = {"federate": federate_body, "FederatedDataLoader": loader_body, "train_on_batch": step_body}
+    nb = answered_release(LESSON, {"federate": federate_body, "FederatedDataLoader": loader_body,
+                                   "train_on_batch": step_body})
     for cell in nb.cells:
-        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if grade_id in bodies:
-            cell.source = bodies[grade_id]
-        elif "FULL_SCALE = False" in cell.source:
+        if "FULL_SCALE = False" in cell.source:
             cell.source = cell.source.replace("EPOCHS, BATCH_SIZE, LR, SEED = 3,", "EPOCHS, BATCH_SIZE, LR, SEED = 0,")
             assert "EPOCHS, BATCH_SIZE, LR, SEED = 0," in cell.source
     return nb
@@ -168,16 +165,13 @@ def graded(tmp_path_factory):
         folder = root / student
         folder.mkdir()
         nbformat.write(submission(*bodies), folder / RELEASE.name)
-        out = root / f"{student}.json"
-        run = run_autograder("grade", str(folder), "--student", student, "--json", str(out))
-        assert out.exists(), run.stdout[-3000:] + run.stderr[-3000:]
-        results[student] = read_json(out)
+        results[student] = grade_submission(folder, student, root / f"{student}.json")
     return results
 
 
 @pytest.mark.parametrize("student", SUBMISSIONS)
 def test_each_planted_mistake_loses_its_cells_points(graded, student):
-    cells = {c["grade_id"]: c["score"] for c in graded[student]["notebooks"][0]["cells"]}
+    cells = {c["grade_id"]: c["score"] for c in graded[student]["cells"]}
     expected = dict(zip(CELLS, SUBMISSIONS[student][1]))
     assert {cell: cells[cell] for cell in CELLS} == expected
 

@@ -18,7 +18,7 @@ import textwrap
 import nbformat
 import pytest
 
-from conftest import REPO, read_json, run_autograder
+from conftest import REPO, answered_release, grade_submission
 
 LESSON = "03-fedavg"
 NOTEBOOK = "fedavg.ipynb"
@@ -113,37 +113,14 @@ TEST_OF = {"client_update": "test_client_update", "fedavg": "test_fedavg", "samp
            "run_round": "test_run_round", "fedsgd_round": "test_fedsgd_round", "train_federated": "test_train_federated"}
 
 
-def _read(folder: str) -> nbformat.NotebookNode:
-    return nbformat.read(REPO / folder / LESSON / NOTEBOOK, as_version=4)
-
-
-def solution_code(grade_id: str) -> str:
-    """The reference answer of a solution cell, without nbgrader's markers."""
-    cell = next(c for c in _read("solutions").cells if c.metadata.get("nbgrader", {}).get("grade_id") == grade_id)
-    return "\n".join(line for line in cell.source.splitlines() if "### BEGIN SOLUTION" not in line
-                     and "### END SOLUTION" not in line)
-
-
 def submission(mistakes: dict) -> nbformat.NotebookNode:
     """The released notebook answered with the reference solutions, with `mistakes` planted and
     the experiments after the last graded cell emptied."""
-    nb = _read("lessons")
+    nb = answered_release(LESSON, {grade_id: change for grade_id, (_, change) in mistakes.items()})
     last_test = max(i for i, c in enumerate(nb.cells) if c.metadata.get("nbgrader", {}).get("grade_id") == TESTS[-1])
     for i, cell in enumerate(nb.cells):
-        nbgrader = cell.metadata.get("nbgrader", {})
-        grade_id = nbgrader.get("grade_id")
-        if nbgrader.get("solution"):
-            code = solution_code(grade_id)
-            if grade_id in mistakes:
-                change = mistakes[grade_id][1]
-                if isinstance(change, str):
-                    code = change
-                for old, new in change if isinstance(change, list) else ():
-                    assert code.count(old) == 1, f"planted mistake for {grade_id} no longer matches the solution: {old!r}"
-                    code = code.replace(old, new)
-            cell.source = code
-        elif i > last_test and cell.cell_type == "code":
-            assert not nbgrader, f"cell {i} after the graded part is an nbgrader cell; update this test"
+        if i > last_test and cell.cell_type == "code":
+            assert not cell.metadata.get("nbgrader"), f"cell {i} after the graded part is an nbgrader cell; update this test"
             cell.source = ""
     return nb
 
@@ -156,10 +133,7 @@ def scores(tmp_path_factory):
         folder = root / student / LESSON
         folder.mkdir(parents=True)
         nbformat.write(submission(mistakes), folder / NOTEBOOK)
-        out = root / f"{student}.json"
-        result = run_autograder("grade", str(folder / NOTEBOOK), "--student", student, "--json", str(out))
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        (notebook,) = read_json(out)["notebooks"]
+        notebook = grade_submission(folder / NOTEBOOK, student, root / f"{student}.json")
         assert not notebook["errors"], notebook["errors"]
         results[student] = {cell["grade_id"]: (cell["score"], cell["max_score"]) for cell in notebook["cells"]}
     return results

@@ -8,16 +8,12 @@ cells keep full marks. Two submissions, because some mistakes live in the same f
 
 from __future__ import annotations
 
-import re
-
 import nbformat
 import pytest
 
-from conftest import REPO, read_json, run_autograder
+from conftest import answered_release, grade_submission
 
 LESSON = "06-paillier"
-SOLUTION = REPO / "solutions" / LESSON / "paillier.ipynb"
-RELEASE = REPO / "lessons" / LESSON / "paillier.ipynb"
 
 # grade_id of a solution cell -> [(solution text, mistaken text)]
 MISTAKES = {
@@ -153,38 +149,13 @@ MESSAGES_2 = {
 PLANTED = {"first": (MISTAKES, EXPECTED, MESSAGES), "second": (MISTAKES_2, EXPECTED_2, MESSAGES_2)}
 
 
-def solutions_by_grade_id() -> dict[str, str]:
-    cells = nbformat.read(SOLUTION, as_version=4).cells
-    return {c.metadata["nbgrader"]["grade_id"]: re.sub(r"\s*### (BEGIN|END) SOLUTION", "", c.source)
-            for c in cells if c.metadata.get("nbgrader", {}).get("solution")}
-
-
-def planted_submission(mistakes: dict[str, list[tuple[str, str]]]) -> nbformat.NotebookNode:
-    solutions = solutions_by_grade_id()
-    assert set(mistakes) <= set(solutions), "a planted mistake names a solution cell that does not exist"
-    nb = nbformat.read(RELEASE, as_version=4)
-    for cell in nb.cells:
-        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if grade_id not in solutions:
-            continue
-        source = solutions[grade_id]
-        for right, wrong in mistakes.get(grade_id, []):
-            assert source.count(right) == 1, f"{grade_id}: the text to plant a mistake in has changed: {right!r}"
-            source = source.replace(right, wrong)
-        cell.source = source
-    return nb
-
-
 @pytest.mark.parametrize("which", sorted(PLANTED))
 def test_each_planted_mistake_costs_its_own_cell(tmp_path, which):
     mistakes, expected, expected_messages = PLANTED[which]
     submission = tmp_path / "planted" / LESSON / "paillier.ipynb"
     submission.parent.mkdir(parents=True)
-    nbformat.write(planted_submission(mistakes), submission)
-    out = tmp_path / "planted.json"
-    result = run_autograder("grade", str(tmp_path / "planted"), "--student", "planted", "--json", str(out))
-    assert result.returncode == 0, result.stdout + result.stderr
-    notebook = read_json(out)["notebooks"][0]
+    nbformat.write(answered_release(LESSON, mistakes), submission)
+    notebook = grade_submission(tmp_path / "planted", "planted", tmp_path / "planted.json")
     assert not notebook["errors"], notebook["errors"]
     scores = {cell["grade_id"]: cell["score"] for cell in notebook["cells"]}
     assert scores == pytest.approx(expected), f"per-cell scores {scores}"

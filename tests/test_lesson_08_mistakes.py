@@ -25,12 +25,10 @@ uses what they compute, which the full marks of every correct cell in these grad
 
 from __future__ import annotations
 
-import re
-
 import nbformat
 import pytest
 
-from conftest import REPO, read_json, run_autograder
+from conftest import answered_release, grade_submission
 
 LESSON = "08-differential-privacy"
 NOTEBOOK = "differential-privacy"
@@ -250,33 +248,14 @@ LOSES = {
 }
 
 
-def solved_release() -> nbformat.NotebookNode:
-    """The student version with every solution cell filled in from the instructor's source."""
-    source = nbformat.read(REPO / "solutions" / LESSON / f"{NOTEBOOK}.ipynb", as_version=4)
-    release = nbformat.read(REPO / "lessons" / LESSON / f"{NOTEBOOK}.ipynb", as_version=4)
-    answers = {c.metadata["nbgrader"]["grade_id"]: c.source for c in source.cells
-               if c.metadata.get("nbgrader", {}).get("solution")}
-    for cell in release.cells:
-        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if grade_id in answers:
-            cell.source = re.sub(r"^\s*### (BEGIN|END) SOLUTION\n", "", answers[grade_id], flags=re.M)
-    return release
-
-
 def planted(mistakes: dict[str, str]) -> nbformat.NotebookNode:
-    nb = solved_release()
+    """The solved student version with `mistakes` (whole answers) planted and the slow cells emptied."""
+    nb = answered_release(LESSON, {grade_id: answer.strip() for grade_id, answer in mistakes.items()})
     for marker in SLOW_CELLS:
         slow = [c for c in nb.cells if c.cell_type == "code" and marker in c.source]
         assert len(slow) == 1, f"{marker!r} should mark exactly one cell, found {len(slow)}"
         assert not slow[0].metadata.get("nbgrader"), f"the cell marked {marker!r} is an nbgrader cell"
         slow[0].source = "pass"
-    ids = {c.metadata.get("nbgrader", {}).get("grade_id") for c in nb.cells}
-    assert set(mistakes) <= ids, f"no such solution cells: {sorted(set(mistakes) - ids)}"
-    for cell in nb.cells:
-        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if grade_id in mistakes:
-            assert cell.metadata["nbgrader"].get("solution"), f"{grade_id} is not a solution cell"
-            cell.source = mistakes[grade_id].strip()
     return nb
 
 
@@ -287,11 +266,7 @@ def graded(tmp_path_factory) -> dict[str, dict[str, tuple[float, float]]]:
         folder = tmp_path_factory.mktemp(f"planted-{name}") / LESSON
         folder.mkdir()
         nbformat.write(planted(mistakes), folder / f"{NOTEBOOK}.ipynb")
-        out = folder.parent / "grades.json"
-        result = run_autograder("grade", str(folder / f"{NOTEBOOK}.ipynb"), "--student", f"planted-{name}",
-                                "--json", str(out))
-        assert out.exists(), result.stdout + result.stderr
-        notebook = read_json(out)["notebooks"][0]
+        notebook = grade_submission(folder / f"{NOTEBOOK}.ipynb", f"planted-{name}", folder.parent / "grades.json")
         assert not notebook["errors"], notebook["errors"]
         scores[name] = {c["grade_id"]: (c["score"], c["max_score"]) for c in notebook["cells"]}
     return scores

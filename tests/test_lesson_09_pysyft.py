@@ -16,7 +16,7 @@ import tomllib
 import nbformat
 import pytest
 
-from conftest import REPO, copy_course, read_json, run_autograder
+from conftest import REPO, answered_release, copy_course, grade_submission, read_json, run_autograder
 
 LESSON = "09-pysyft-datasites"
 NOTEBOOK = "pysyft-datasites"
@@ -186,17 +186,6 @@ def test_a_missing_kernel_is_a_clear_error_not_a_crash(tmp_path):
     assert bench.returncode == 1 and "runs in the Jupyter kernel 'no-such-kernel'" in bench.stdout
 
 
-def _cell(nb, grade_id):
-    return next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == grade_id)
-
-
-def _solution_body(grade_id: str) -> str:
-    source = _cell(nbformat.read(SOLUTION, as_version=4), grade_id).source
-    return re.sub(r"\s*### (BEGIN|END) SOLUTION", "", source)
-
-
-GRADED = ("make_dataset", "train_on_site", "submit_round", "review", "fedavg_weights")
-
 # Two submissions, each with one planted mistake per graded cell: every mistake must cost its own
 # cell all its points and nothing else. mallory has the four mistakes issue 7 lists (and a correct
 # submit_round, which proves that syft ran); eve has a second, independent set, including the
@@ -259,13 +248,7 @@ EXPECTED = {
 def _submission(mistakes: dict) -> nbformat.NotebookNode:
     """The released notebook answered with the solutions and `mistakes` planted; the experiments
     after the last graded cell are emptied (they grade nothing), except the shutdown cell."""
-    nb = nbformat.read(RELEASE, as_version=4)
-    for grade_id in GRADED:
-        body = _solution_body(grade_id)
-        for old, new in mistakes.get(grade_id, ()):
-            assert body.count(old) == 1, f"the planted mistake for {grade_id} no longer matches the solution: {old!r}"
-            body = body.replace(old, new)
-        _cell(nb, grade_id).source = body
+    nb = answered_release(LESSON, mistakes)
     last_test = max(i for i, c in enumerate(nb.cells) if c.metadata.get("nbgrader", {}).get("grade"))
     for cell in nb.cells[last_test + 1:]:
         if cell.cell_type == "code" and "server.land()" not in cell.source:
@@ -283,10 +266,7 @@ def test_each_planted_mistake_loses_its_own_points(tmp_path, student):
     folder = tmp_path / student / LESSON
     folder.mkdir(parents=True)
     nbformat.write(nb, folder / f"{NOTEBOOK}.ipynb")
-    out = tmp_path / f"{student}.json"
-    result = run_autograder("grade", str(folder), "--student", student, "--json", str(out), timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    notebook = read_json(out)["notebooks"][0]
+    notebook = grade_submission(folder, student, tmp_path / f"{student}.json", timeout=1200)
     scores = {cell["grade_id"]: (cell["score"], cell["max_score"]) for cell in notebook["cells"]}
     messages = {cell["grade_id"]: cell.get("message", "") for cell in notebook["cells"]}
     expected_scores, expected_messages = EXPECTED[student]
