@@ -120,3 +120,60 @@ def grade_submission(path: Path, student: str, out: Path, timeout: float = 900) 
     result = run_autograder("grade", str(path), "--student", student, "--json", str(out), timeout=timeout)
     assert result.returncode == 0 and Path(out).exists(), result.stdout[-3000:] + result.stderr[-3000:]
     return read_json(out)["notebooks"][0]
+
+
+# --- one class run for every planted submission of the suite -------------------------------------
+#
+# Grading notebooks is the expensive part of the suite. Every test module that grades planted
+# submissions registers them here at import time (`plant(...)`); the first test that asks for a
+# grade (fixture `planted_grades`) grades them all together in ONE `grade-all` class run, in
+# parallel, and every later test reads its result from there. Add submissions this way, never by
+# calling the CLI once per case.
+
+_PLANTED: dict[str, tuple[str, object]] = {}  # student id -> (lesson id, notebook or factory)
+
+
+def plant(lesson: str, name: str, notebook) -> str:
+    """Register a planted submission of `lesson` (a NotebookNode, or a function that builds one);
+    returns the student id under which `planted_grades` finds its result."""
+    student = f"{lesson}--{name}"
+    assert student not in _PLANTED, f"planted submission {student} registered twice"
+    _PLANTED[student] = (lesson, notebook)
+    return student
+
+
+class PlantedGrades:
+    def __init__(self, out: Path, result: subprocess.CompletedProcess):
+        self.out, self.result = out, result
+
+    def student(self, student: str) -> dict:
+        path = self.out / "results" / f"{student}.json"
+        assert path.is_file(), (f"no result for {student}: was it registered with plant()?\n"
+                                + self.result.stdout[-3000:] + self.result.stderr[-3000:])
+        return read_json(path)
+
+    def notebook(self, student: str) -> dict:
+        """The JSON entry of the one notebook `student` submitted."""
+        lesson = _PLANTED[student][0]
+        entries = [nb for nb in self.student(student)["notebooks"] if nb["assignment"] == lesson]
+        assert len(entries) == 1, entries
+        return entries[0]
+
+    def cells(self, student: str) -> dict[str, dict]:
+        """grade_id -> that cell's JSON entry."""
+        return {cell["grade_id"]: cell for cell in self.notebook(student)["cells"]}
+
+
+@pytest.fixture(scope="session")
+def planted_grades(tmp_path_factory) -> PlantedGrades:
+    root = tmp_path_factory.mktemp("planted-class")
+    submissions, out = root / "submissions", root / "grades"
+    for student, (lesson, notebook) in sorted(_PLANTED.items()):
+        nb = notebook() if callable(notebook) else notebook
+        (name,) = [p.name for p in (REPO / "solutions" / lesson).glob("*.ipynb")]
+        folder = submissions / student / lesson
+        folder.mkdir(parents=True)
+        nbformat.write(nb, folder / name)
+    result = run_autograder("grade-all", str(submissions), "--out", str(out), timeout=None)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return PlantedGrades(out, result)
