@@ -14,6 +14,9 @@ from collections.abc import Callable, Mapping
 import torch
 
 SHOW_ALL_UP_TO = 12  # values; larger tensors are summarised, not printed whole
+# The grader shows the first 300 characters of a failure; a message longer than this is
+# summarised so that what the student's code returned ("got ...") is always among them.
+MESSAGE_LIMIT = 280
 
 
 def check_close(actual, expected, what: str, atol: float = 1e-6, rtol: float = 1e-5) -> None:
@@ -32,17 +35,50 @@ def check_close(actual, expected, what: str, atol: float = 1e-6, rtol: float = 1
     if tuple(actual.shape) != tuple(expected.shape):
         raise AssertionError(f"{what}: expected shape {tuple(expected.shape)}, got {tuple(actual.shape)}")
     if not torch.allclose(actual.double(), expected.double(), atol=atol, rtol=rtol):
-        raise AssertionError(f"{what}:\n{_describe_difference(actual.double(), expected.double())}")
+        raise AssertionError(f"{what}:\n{_describe_difference(actual, expected, atol, rtol, len(what))}")
 
 
-def _describe_difference(actual: torch.Tensor, expected: torch.Tensor) -> str:
+def _describe_difference(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-6, rtol: float = 1e-5,
+                         room_taken: int = 0) -> str:
+    """Expected and got, rounded so that float32 values read as written (0.9, not 0.8999999761581421)
+    yet with enough digits to show where they differ; a summary for tensors too long to print."""
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
+    close = torch.isclose(actual, expected, atol=atol, rtol=rtol)
     if expected.numel() <= SHOW_ALL_UP_TO:
-        return f"  expected {expected.tolist()}\n  got      {actual.tolist()}"
+        for digits in range(6, 18):
+            shown_expected, shown_actual = _rounded(expected, digits), _rounded(actual, digits)
+            if _distinct_where_apart(expected, actual, close, digits):
+                break
+        message = f"  expected {shown_expected}\n  got      {shown_actual}"
+        if room_taken + len(message) <= MESSAGE_LIMIT:
+            return message
     gap = (actual - expected).abs().nan_to_num(nan=float("inf"))
     worst = tuple(int(i) for i in torch.unravel_index(gap.argmax(), gap.shape))
-    wrong = int((~torch.isclose(actual, expected)).sum())
+    wrong = int((~close).sum())
+    digits = next((d for d in range(6, 18) if _number(expected[worst].item(), d) != _number(actual[worst].item(), d)), 17)
     return (f"  {wrong} of {expected.numel()} values differ; the largest difference is at index {worst}:"
-            f" expected {expected[worst].item():.6g}, got {actual[worst].item():.6g}")
+            f" expected {_number(expected[worst].item(), digits)}, got {_number(actual[worst].item(), digits)}")
+
+
+def _number(value: float, digits: int = 6) -> str:
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.{digits}g}"
+
+
+def _rounded(tensor: torch.Tensor, digits: int) -> str:
+    def show(values):
+        if isinstance(values, list):
+            return "[" + ", ".join(show(v) for v in values) + "]"
+        return _number(values, digits)
+    return show(tensor.tolist())
+
+
+def _distinct_where_apart(expected: torch.Tensor, actual: torch.Tensor, close: torch.Tensor, digits: int) -> bool:
+    """True when every pair of values that are not close also reads differently at `digits` digits."""
+    apart = (~close).flatten().tolist()
+    pairs = zip(expected.flatten().tolist(), actual.flatten().tolist())
+    return all(_number(e, digits) != _number(a, digits) for (e, a), differ in zip(pairs, apart) if differ)
 
 
 # The course's toolbox: data, models, loops and plots that any graded function may use. Every

@@ -8,6 +8,8 @@ client that does not drop out trains a copy of the global model for E epochs wit
 on its own data (``client_update``) and sends back its weights, and the server replaces the
 global model with their average weighted by the clients' numbers of examples (``fedavg``).
 FedSGD is the special case E = 1, B = all of a client's data (``batch_size=None``).
+FedProx (Li et al. 2020) is FedAvg whose clients add a proximal term (mu/2)||w - w_t||^2 to
+their loss (``mu > 0``), which keeps local training near the global model w_t.
 
 Everything random is drawn from one ``torch.Generator`` that the caller seeds, so a run repeats
 exactly: which clients are asked, which drop out, and how each shuffles its data.
@@ -79,6 +81,8 @@ def client_update(
     momentum: float = 0.0,
     seed: int | None = None,
     device: torch.device | str | None = None,
+    mu: float = 0.0,
+    weight_decay: float = 0.0,
 ) -> State:
     """Train a copy of ``model`` on ``dataset`` (E epochs, batch size B; ``batch_size=None``
     means the whole data set in one batch) and return its new state_dict (CPU tensors,
@@ -88,11 +92,18 @@ def client_update(
     examples in each epoch is drawn from a generator seeded with ``seed``; ``seed=None`` draws
     that seed from torch's global generator (so ``set_seed`` still makes a run repeat).
     With ``epochs=1, batch_size=None`` this is one full-batch gradient step: FedSGD's client.
+
+    ``mu > 0`` is FedProx's client: every batch's loss gets the proximal term
+    ``mu / 2 * ||w - w_start||^2`` over the parameters, with ``w_start`` the parameters of
+    ``model`` (the global model) held fixed. ``weight_decay`` is SGD's L2 penalty
+    ``weight_decay / 2 * ||w||^2``, for experiments that need an objective with a unique minimiser.
     """
     if int(epochs) != epochs or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
     if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None (all the data), got {batch_size!r}")
+    if not mu >= 0 or not weight_decay >= 0:
+        raise ValueError(f"mu and weight_decay must be non-negative, got mu={mu!r}, weight_decay={weight_decay!r}")
     inputs, labels = _dataset_tensors(dataset)
     n = len(labels)
     if n == 0:
@@ -107,13 +118,18 @@ def client_update(
     local = copy.deepcopy(model).to(device)
     local.train()
     inputs, labels = inputs.to(device), labels.to(device)
-    optimizer = torch.optim.SGD(local.parameters(), lr=lr, momentum=momentum)
+    optimizer = torch.optim.SGD(local.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    anchor = [p.detach().clone() for p in local.parameters()] if mu else []
     for _ in range(int(epochs)):
         order = torch.randperm(n, generator=generator).to(device)
         for start in range(0, n, batch):
             index = order[start:start + batch]
             optimizer.zero_grad()
             F.nll_loss(local(inputs[index]), labels[index]).backward()
+            # The proximal term's gradient, mu * (w - w_start), added to the loss's.
+            for parameter, start_value in zip(local.parameters(), anchor):
+                if parameter.grad is not None:
+                    parameter.grad.add_(parameter.detach() - start_value, alpha=mu)
             optimizer.step()
     return {key: value.detach().to("cpu", copy=True) for key, value in local.state_dict().items()}
 
@@ -216,6 +232,7 @@ def run_round(
     device: torch.device | str | None = None,
     aggregate: Aggregator = fedavg,
     round_number: int | None = None,
+    mu: float = 0.0,
 ) -> RoundResult:
     """One FedAvg round: sample, train the reporting clients, aggregate with
     ``aggregate(states, weights)``. ``aggregate`` is the hook lessons 06/08 replace (encrypted
@@ -225,6 +242,7 @@ def run_round(
     sampled client (it drops out when the number is below ``dropout``, so a client that drops
     out reports nothing); one shuffling seed per reporting client. Weights are the reporting
     clients' numbers of examples. ``round_number`` (optional) only labels the message.
+    ``mu > 0`` runs FedProx's clients (see ``client_update``).
     """
     if not 0 <= dropout <= 1:
         raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
@@ -237,7 +255,7 @@ def run_round(
                            f"{prefix}no client reported (all {len(sampled)} sampled dropped out); global model unchanged")
     seeds = torch.randint(_SEED_RANGE, (len(reported),), generator=generator).tolist()
     states = [client_update(model, client_datasets[k], epochs=epochs, batch_size=batch_size, lr=lr,
-                            seed=seed, device=device)
+                            seed=seed, device=device, mu=mu)
               for k, seed in zip(reported, seeds)]
     weights = [len(client_datasets[k]) for k in reported]
     state = aggregate(states, weights)
@@ -279,12 +297,13 @@ def federated_averaging(
     device: torch.device | str | None = None,
     aggregate: Aggregator = fedavg,
     progress: bool = True,
+    mu: float = 0.0,
 ) -> History:
     """The server loop: run_round ``rounds`` times (stop early when ``target_accuracy`` is
     reached), loading each new state into ``model`` (which is therefore trained in place: the
     caller passes its global model) and evaluating on ``test_set``.
 
-    ``seed`` seeds the one generator every round draws from. ``rounds_to_target`` is the first
+    ``seed`` seeds the one generator every round draws from; ``mu > 0`` runs FedProx. ``rounds_to_target`` is the first
     evaluated round whose test accuracy is at least ``target_accuracy`` (None if never).
     """
     if int(rounds) != rounds or rounds < 1:
@@ -299,7 +318,7 @@ def federated_averaging(
         for round_number in bar:
             result = run_round(model, client_datasets, fraction=fraction, epochs=epochs,
                                batch_size=batch_size, lr=lr, dropout=dropout, generator=generator,
-                               device=device, aggregate=aggregate, round_number=round_number)
+                               device=device, aggregate=aggregate, round_number=round_number, mu=mu)
             model.load_state_dict(result.state)
             history.reported.append(len(result.reported))
             history.messages.append(result.message)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 __all__ = ["DEVICE_ENV", "set_seed", "get_device", "make_loader", "train_epoch", "train", "evaluate"]
@@ -157,6 +157,22 @@ def train(
     return losses
 
 
+def _batches_in_order(dataset: Dataset, batch_size: int):
+    """The batches an unshuffled DataLoader would give. A TensorDataset (or a Subset of one) is
+    sliced directly, which is many times faster than fetching and collating one example at a
+    time; federated loops evaluate after every round."""
+    if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorDataset):
+        index = torch.as_tensor(list(dataset.indices), dtype=torch.long)
+        tensors = tuple(t[index] for t in dataset.dataset.tensors)
+    elif isinstance(dataset, TensorDataset):
+        tensors = dataset.tensors
+    else:
+        return make_loader(dataset, batch_size, shuffle=False)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [tuple(t[start:start + batch_size] for t in tensors) for start in range(0, len(tensors[0]), batch_size)]
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -169,7 +185,7 @@ def evaluate(
     Runs in eval mode without gradients on ``device`` (default ``get_device()``); the model's
     device and train/eval mode are restored afterwards.
     """
-    loader = data if isinstance(data, DataLoader) else make_loader(data, batch_size, shuffle=False)
+    loader = data if isinstance(data, DataLoader) else _batches_in_order(data, batch_size)
     home, was_training = _model_device(model), model.training
     device = get_device() if device is None else torch.device(device)
     model.to(device).eval()
