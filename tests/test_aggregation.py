@@ -70,6 +70,22 @@ def test_check_close_summarises_large_tensors():
     assert len(message) < 300
 
 
+def test_check_close_prints_float32_values_rounded_and_keeps_what_it_got():
+    with pytest.raises(AssertionError) as info:
+        check_close(torch.tensor([0.9, 0.1]), [0.8, 0.1], "the average")
+    message = str(info.value)
+    assert "got      [0.9, 0.1]" in message and "expected [0.8, 0.1]" in message, message
+    assert "0.8999999" not in message
+    with pytest.raises(AssertionError) as info:  # values that differ beyond 6 digits get more digits
+        check_close(torch.tensor([1.0, 2.0], dtype=torch.float64), [1.0000001, 2.0], "close", atol=0, rtol=0)
+    assert "expected [1.0000001, 2]" in str(info.value) and "got      [1, 2]" in str(info.value)
+    long_what = "with weights that do not sum to one, a long explanation of what was expected " * 2
+    with pytest.raises(AssertionError) as info:
+        check_close(torch.arange(12.0) / 7, torch.arange(12.0) / 7 + 0.5, long_what)
+    first_300 = " ".join(str(info.value).split())[:300]
+    assert "got" in first_300, "the grader shows 300 characters: what the student's code returned must be among them"
+
+
 def test_check_own_work_rejects_the_library_reference():
     from fedcourse.checks import check_own_work
 

@@ -143,6 +143,62 @@ def test_client_update_with_all_data_in_one_batch_is_one_gradient_step():
         assert torch.allclose(state[name], value, atol=1e-6), "FedSGD: E=1, B=all is one full-batch step"
 
 
+def _full_batch_steps(model, inputs, labels, steps, lr, mu=0.0, weight_decay=0.0):
+    """The test's own gradient descent on NLL + mu/2 ||w - w_start||^2 + weight_decay/2 ||w||^2."""
+    model = copy.deepcopy(model)
+    start = [p.detach().clone() for p in model.parameters()]
+    for _ in range(steps):
+        model.zero_grad()
+        torch.nn.functional.nll_loss(model(inputs), labels).backward()
+        with torch.no_grad():
+            for p, p0 in zip(model.parameters(), start):
+                p -= lr * (p.grad + mu * (p - p0) + weight_decay * p)
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def test_client_update_with_mu_adds_fedprox_proximal_term():
+    data, clients = _toy_clients()
+    torch.manual_seed(0)
+    model = LogisticRegression()
+    inputs, labels = data.tensors[0][:40], data.tensors[1][:40]
+    run = lambda **kw: client_update(model, clients[0], epochs=3, batch_size=None, lr=0.5, seed=0,  # noqa: E731
+                                     device="cpu", **kw)
+    assert _same_state(run(), run(mu=0.0)), "mu=0 is plain FedAvg"
+    prox = run(mu=0.7)
+    for name, value in _full_batch_steps(model, inputs, labels, 3, 0.5, mu=0.7).items():
+        assert torch.allclose(prox[name], value, atol=1e-6), "the proximal term pulls towards the global model"
+    plain = run()
+    drift = lambda state: sum((state[k] - model.state_dict()[k]).norm() ** 2 for k in state)  # noqa: E731
+    assert drift(prox) < drift(plain), "FedProx's clients stay closer to the global model"
+    decayed = run(weight_decay=0.3)
+    for name, value in _full_batch_steps(model, inputs, labels, 3, 0.5, weight_decay=0.3).items():
+        assert torch.allclose(decayed[name], value, atol=1e-6), "weight_decay is SGD's L2 penalty"
+    with pytest.raises(ValueError, match="non-negative"):
+        run(mu=-1.0)
+
+
+def test_run_round_and_federated_averaging_pass_mu_to_the_clients():
+    data, clients = _toy_clients()
+    torch.manual_seed(0)
+    model = LogisticRegression()
+    round_with = lambda mu: run_round(model, clients, fraction=1.0, epochs=2, batch_size=None, lr=0.5,  # noqa: E731
+                                      generator=torch.Generator().manual_seed(0), device="cpu", mu=mu)
+    expected = fedavg([client_update(model, c, epochs=2, batch_size=None, lr=0.5, device="cpu", mu=2.0)
+                       for c in clients], [len(c) for c in clients])
+    assert _same_state(round_with(0.0).state, run_round(model, clients, fraction=1.0, epochs=2, batch_size=None,
+                                                         lr=0.5, generator=torch.Generator().manual_seed(0),
+                                                         device="cpu").state)
+    for name, value in expected.items():
+        assert torch.allclose(round_with(2.0).state[name], value, atol=1e-6)
+    runs = {}
+    for mu in (0.0, 2.0):
+        trained = copy.deepcopy(model)
+        federated_averaging(trained, clients, data, rounds=2, epochs=2, batch_size=None, lr=0.5, device="cpu",
+                            progress=False, mu=mu)
+        runs[mu] = trained.state_dict()
+    assert not _same_state(runs[0.0], runs[2.0]), "federated_averaging must hand mu to its rounds"
+
+
 # --- sample_clients -------------------------------------------------------------------------------
 
 
