@@ -118,19 +118,34 @@ def client_update(
     local = copy.deepcopy(model).to(device)
     local.train()
     inputs, labels = inputs.to(device), labels.to(device)
-    optimizer = torch.optim.SGD(local.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    anchor = [p.detach().clone() for p in local.parameters()] if mu else []
+    parameters = [parameter for parameter in local.parameters() if parameter.requires_grad]
+    anchor = [parameter.detach().clone() for parameter in parameters] if mu else []
+    velocity: list[torch.Tensor | None] = [None] * len(parameters)
     for _ in range(int(epochs)):
         order = torch.randperm(n, generator=generator).to(device)
         for start in range(0, n, batch):
             index = order[start:start + batch]
-            optimizer.zero_grad()
+            for parameter in parameters:
+                parameter.grad = None
             F.nll_loss(local(inputs[index]), labels[index]).backward()
-            # The proximal term's gradient, mu * (w - w_start), added to the loss's.
-            for parameter, start_value in zip(local.parameters(), anchor):
-                if parameter.grad is not None:
-                    parameter.grad.add_(parameter.detach() - start_value, alpha=mu)
-            optimizer.step()
+            # torch.optim.SGD's step (no dampening, no Nesterov), written out: for models this
+            # small its bookkeeping costs more than the arithmetic.
+            with torch.no_grad():
+                for i, parameter in enumerate(parameters):
+                    step = parameter.grad
+                    if step is None:
+                        continue
+                    if mu:  # the proximal term's gradient, mu * (w - w_start)
+                        step = step.add(parameter - anchor[i], alpha=mu)
+                    if weight_decay:
+                        step = step.add(parameter, alpha=weight_decay)
+                    if momentum:
+                        if velocity[i] is None:
+                            velocity[i] = step.clone()
+                        else:
+                            velocity[i].mul_(momentum).add_(step)
+                        step = velocity[i]
+                    parameter.add_(step, alpha=-lr)
     return {key: value.detach().to("cpu", copy=True) for key, value in local.state_dict().items()}
 
 
