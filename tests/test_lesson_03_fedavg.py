@@ -1,6 +1,7 @@
 """Lesson 03's hidden tests catch the mistakes issue 4 lists, and its optional cell runs.
 
-Each submission, graded once with the real CLI, carries one planted mistake per graded cell.
+Each submission carries one planted mistake per graded cell; all of them are graded in the
+suite's one class run (conftest's `plant` and `planted_grades`).
 Each mistake is independent: the cells that depend on earlier ones are graded with the
 course's reference functions swapped in, so every cell's zero comes from its own mistake.
 The experiments after the graded cells are emptied in these submissions (they do not touch
@@ -18,12 +19,12 @@ import textwrap
 import nbformat
 import pytest
 
-from conftest import REPO, answered_release, grade_submission
+from conftest import REPO, answered_release, plant
 
 LESSON = "03-fedavg"
 NOTEBOOK = "fedavg.ipynb"
 TESTS = ("test_client_update", "test_fedavg", "test_sample_clients", "test_run_round", "test_fedsgd_round",
-         "test_train_federated")
+         "test_train_federated", "test_fedprox_update")
 
 # A mistake is (what the student got wrong, [(line of the reference solution, replacement)])
 # or (what the student got wrong, a whole answer).
@@ -41,6 +42,9 @@ SUBMISSIONS = {
         "train_federated": ("re-seeds the generator every round",
                             [("    for _ in range(rounds):\n",
                               "    for _ in range(rounds):\n        generator = torch.Generator().manual_seed(seed)\n")]),
+        "fedprox_update": ("anchors the proximal term at the weights being trained (it is always zero)",
+                           [("anchor = [parameter.detach().clone() for parameter in local.parameters()]",
+                             "anchor = list(local.parameters())")]),
     },
     "mistakes-b": {
         "client_update": ("ignores batch_size (always one full batch)",
@@ -59,6 +63,8 @@ SUBMISSIONS = {
         "fedsgd_round": ("ignores dropout", [("dropout=dropout", "dropout=0.0")]),
         "train_federated": ("trains a copy, so the caller's model never learns",
                             [("    results = []\n", "    results = []\n    model = copy.deepcopy(model)\n")]),
+        "fedprox_update": ("weighs the proximal term by mu instead of mu / 2",
+                           [("mu / 2 * proximal", "mu * proximal")]),
     },
     "mistakes-c": {
         "client_update": ("does not seed its shuffle",
@@ -84,6 +90,10 @@ SUBMISSIONS = {
                         "    sampled = sample_clients(len(client_datasets), fraction, torch.Generator())")]),
         "fedsgd_round": ("ignores the fraction C", [("fraction=fraction", "fraction=1.0")]),
         "train_federated": ("ignores its seed", [("manual_seed(seed)", "manual_seed(0)")]),
+        "fedprox_update": ("takes w_t afresh at every epoch",
+                           [("    for _ in range(epochs):\n",
+                             "    for _ in range(epochs):\n"
+                             "        anchor = [parameter.detach().clone() for parameter in local.parameters()]\n")]),
     },
     # Correct results, computed by the reference implementation under names without "fedcourse".
     "forwards-to-the-reference": {
@@ -106,11 +116,14 @@ SUBMISSIONS = {
                                            batch_size=batch_size, lr=lr, dropout=dropout, generator=generator))
         model.load_state_dict(results[-1].state)
     return results"""),
+        "fedprox_update": ("forwards to the reference", """def fedprox_update(model, dataset, epochs, batch_size, lr, mu, seed=0):
+    return reference.client_update(model, dataset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, mu=mu)"""),
     },
     "control": {},
 }
 TEST_OF = {"client_update": "test_client_update", "fedavg": "test_fedavg", "sample_clients": "test_sample_clients",
-           "run_round": "test_run_round", "fedsgd_round": "test_fedsgd_round", "train_federated": "test_train_federated"}
+           "run_round": "test_run_round", "fedsgd_round": "test_fedsgd_round", "train_federated": "test_train_federated",
+           "fedprox_update": "test_fedprox_update"}
 
 
 def submission(mistakes: dict) -> nbformat.NotebookNode:
@@ -125,17 +138,17 @@ def submission(mistakes: dict) -> nbformat.NotebookNode:
     return nb
 
 
+STUDENTS = {name: plant(LESSON, name, lambda mistakes=mistakes: submission(mistakes))
+            for name, mistakes in SUBMISSIONS.items()}
+
+
 @pytest.fixture(scope="module")
-def scores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lesson03")
+def scores(planted_grades):
     results = {}
-    for student, mistakes in SUBMISSIONS.items():
-        folder = root / student / LESSON
-        folder.mkdir(parents=True)
-        nbformat.write(submission(mistakes), folder / NOTEBOOK)
-        notebook = grade_submission(folder / NOTEBOOK, student, root / f"{student}.json")
+    for name, student in STUDENTS.items():
+        notebook = planted_grades.notebook(student)
         assert not notebook["errors"], notebook["errors"]
-        results[student] = {cell["grade_id"]: (cell["score"], cell["max_score"]) for cell in notebook["cells"]}
+        results[name] = {cell["grade_id"]: (cell["score"], cell["max_score"]) for cell in notebook["cells"]}
     return results
 
 
