@@ -20,7 +20,7 @@ from pathlib import Path
 import nbformat
 
 from .course import Course, Lesson, requirement_lines, requirement_name
-from .workspace import Workspace
+from .workspace import Templates
 
 BADGE_TAG = "course:badge"
 SETUP_TAG = "course:setup"
@@ -177,10 +177,9 @@ def sync_readme(course: Course, write: bool) -> list[str]:
 
 def build_release(course: Course, out_dir: Path) -> None:
     """nbgrader generate_assignment for every built lesson; releases copied to out_dir/<id>/."""
-    with Workspace(course) as ws:
+    with Templates(course) as templates:
         for lesson in course.built_lessons:
-            ws.generate(lesson)
-            shutil.copytree(ws.release_dir(lesson), out_dir / lesson.id)
+            shutil.copytree(templates.get(lesson).release_dir, out_dir / lesson.id)
 
 
 def _tree_differences(expected: Path, actual: Path) -> list[str]:
