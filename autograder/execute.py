@@ -52,7 +52,7 @@ class GuardedExecute(Execute):
         spec = LessonSpec.from_json(self.job["spec"])
         runtime = Path(self.job["runtime_dir"])
         channel = GuardChannel(runtime)
-        tests = {t.grade_id: wrap_test(t.source, t.grade_id, spec.rebind) for t in spec.tests}
+        tests = {t.grade_id: wrap_test(t.source, t.grade_id, spec.rebind, t.shared, t.global_names) for t in spec.tests}
         config_path = channel.write_config({
             "tests": tests, "locked": spec.provided, "watch": spec.watch, "watch_classes": spec.watch_classes,
             "allowed_changes": self.job.get("allowed_changes", []), "calibrate": self.job.get("calibrate", False),
@@ -85,7 +85,7 @@ class GuardedExecute(Execute):
                 pid = getattr(getattr(self.km, "provisioner", None), "pid", None) or \
                     getattr(getattr(getattr(self.km, "provisioner", None), "process", None), "pid", None)
                 if pid:
-                    watchdog = Watchdog(pid, limits).start()
+                    watchdog = Watchdog(pid, limits, runtime).start()
                 self._run_cells(spec, tests, channel, report, watchdog, started)
         except Exception as exc:  # the kernel could not be started or torn down: say so, keep results
             report["stopped"] = report["stopped"] or f"{type(exc).__name__}: {exc}"
@@ -116,10 +116,11 @@ class GuardedExecute(Execute):
         return False
 
     def _limit_for(self, cell, timed_out_before: bool) -> float:
-        if timed_out_before:
-            return float(self.job.get("after_timeout_limit", 10))
         limits = self.job.get("cell_limits", {})
-        return float(limits.get(cell_key(cell), self.job.get("default_cell_limit", 120)))
+        limit = float(limits.get(cell_key(cell), self.job.get("default_cell_limit", 120)))
+        if timed_out_before:  # a hanging submission costs bounded time
+            return min(limit, float(self.job.get("after_timeout_limit", 10)))
+        return limit
 
     def _run_cells(self, spec: LessonSpec, tests: dict[str, str], channel: GuardChannel, report: dict,
                    watchdog: Watchdog | None, started: float) -> None:

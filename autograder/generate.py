@@ -175,25 +175,27 @@ def sync_readme(course: Course, write: bool) -> list[str]:
     return ["README.md: the lesson table is out of date with course.toml and solutions/"]
 
 
-def build_release(course: Course, out_dir: Path) -> None:
-    """nbgrader generate_assignment for every built lesson; releases copied to out_dir/<id>/."""
+def build_release(course: Course, out_dir: Path, lesson_ids: list[str] | None = None) -> None:
+    """nbgrader generate_assignment for every built lesson (or those named); releases copied to
+    out_dir/<id>/."""
     with Templates(course) as templates:
         for lesson in course.built_lessons:
-            shutil.copytree(templates.get(lesson).release_dir, out_dir / lesson.id)
+            if not lesson_ids or lesson.id in lesson_ids:
+                shutil.copytree(templates.get(lesson).release_dir, out_dir / lesson.id)
 
 
-def _tree_differences(expected: Path, actual: Path) -> list[str]:
+def _tree_differences(expected: Path, actual: Path, prefix: str = "lessons/") -> list[str]:
     differences = []
     expected_files = {p.relative_to(expected) for p in expected.rglob("*") if p.is_file()}
     actual_files = {p.relative_to(actual) for p in actual.rglob("*") if p.is_file()
                     } if actual.is_dir() else set()
     for rel in sorted(expected_files - actual_files):
-        differences.append(f"lessons/{rel} is missing")
+        differences.append(f"{prefix}{rel} is missing")
     for rel in sorted(actual_files - expected_files):
-        differences.append(f"lessons/{rel} is not generated from solutions/")
+        differences.append(f"{prefix}{rel} is not generated from solutions/")
     for rel in sorted(expected_files & actual_files):
         if not filecmp.cmp(expected / rel, actual / rel, shallow=False):
-            differences.append(f"lessons/{rel} differs from what solutions/ generates")
+            differences.append(f"{prefix}{rel} differs from what solutions/ generates")
     return differences
 
 
@@ -208,8 +210,9 @@ def sync_sources(course: Course, write: bool) -> list[str]:
     return stale
 
 
-def drift(course: Course) -> list[str]:
-    """Everything `generate` would change, as sentences; empty when all is in step."""
+def drift(course: Course, lesson_ids: list[str] | None = None) -> list[str]:
+    """Everything `generate` would change, as sentences; empty when all is in step. With
+    `lesson_ids`, only those lessons' releases are rebuilt and compared."""
     problems = sync_sources(course, write=False)
     with tempfile.TemporaryDirectory(prefix="release-") as tmp:
         # Generate from synced copies of the sources, as `generate` would, touching nothing here.
@@ -223,8 +226,13 @@ def drift(course: Course) -> list[str]:
                         ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
         fresh = Course(copy)
         sync_sources(fresh, write=True)
-        build_release(fresh, Path(tmp) / "lessons")
-        problems += _tree_differences(Path(tmp) / "lessons", course.lessons_dir)
+        build_release(fresh, Path(tmp) / "lessons", lesson_ids)
+        if lesson_ids:
+            for lesson_id in lesson_ids:
+                problems += _tree_differences(Path(tmp) / "lessons" / lesson_id, course.lessons_dir / lesson_id,
+                                              f"lessons/{lesson_id}/")
+        else:
+            problems += _tree_differences(Path(tmp) / "lessons", course.lessons_dir)
     return problems
 
 

@@ -206,8 +206,9 @@ class ClassRun:
 
     def _progress(self, total_jobs: int, total_students: int, already: int):
         start = time.monotonic()
-        state = {"jobs": 0}
+        state = {"jobs": 0, "printed": 0.0}
         enabled = self.options.progress and total_jobs > 0
+        terminal = sys.stderr.isatty()
 
         def update(students_done: int, final: bool = False) -> None:
             if not enabled:
@@ -216,13 +217,19 @@ class ClassRun:
                 state["jobs"] += 1
             jobs_done = state["jobs"]
             elapsed = time.monotonic() - start
+            if not terminal and not final and elapsed - state["printed"] < 10:
+                return  # a log file gets a line every 10 s, not a redrawn bar
+            state["printed"] = elapsed
             left = elapsed / jobs_done * (total_jobs - jobs_done) if jobs_done else float("nan")
             width = 24
             filled = int(width * jobs_done / total_jobs)
-            line = (f"\rgrading [{'#' * filled}{'.' * (width - filled)}] {jobs_done}/{total_jobs} notebooks, "
+            line = (f"grading [{'#' * filled}{'.' * (width - filled)}] {jobs_done}/{total_jobs} notebooks, "
                     f"{students_done}/{total_students} students, {elapsed:.0f} s"
                     + (f", about {left:.0f} s left" if jobs_done and not final else ""))
-            print(line, end="\n" if final else "", file=sys.stderr, flush=True)
+            if terminal:
+                print("\r" + line, end="\n" if final else "", file=sys.stderr, flush=True)
+            else:
+                print(line, file=sys.stderr, flush=True)
 
         return update
 

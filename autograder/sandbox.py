@@ -229,8 +229,10 @@ class GuardedKernelManager(AsyncKernelManager):
 class Watchdog:
     """Counts a kernel's processes and memory from outside; stops it when a limit is passed."""
 
-    def __init__(self, pid: int, limits: Limits, interval: float = 0.25):
+    def __init__(self, pid: int, limits: Limits, runtime_dir: Path | None = None, interval: float = 0.25):
         self.pid, self.limits, self.interval = pid, limits, interval
+        # The one host folder the kernel may write to (its sockets live there): watched for size.
+        self.runtime_dir = Path(runtime_dir) if runtime_dir else None
         self.reason: str | None = None
         self.peak_mib = 0.0
         self._stop = threading.Event()
@@ -272,6 +274,9 @@ class Watchdog:
             elif threads > self.limits.processes:
                 self.reason = (f"the kernel ran {threads} processes and threads, more than the "
                                f"{self.limits.processes} allowed, and was stopped")
+            elif self.runtime_dir is not None and _folder_mib(self.runtime_dir) > RUNTIME_FOLDER_MIB:
+                self.reason = (f"the kernel wrote more than {RUNTIME_FOLDER_MIB} MiB into the grader's runtime folder "
+                               "and was stopped")
             if self.reason:
                 for proc in reversed(procs):
                     try:
@@ -279,6 +284,26 @@ class Watchdog:
                     except psutil.Error:
                         pass
                 return
+
+
+RUNTIME_FOLDER_MIB = 32
+
+
+def _folder_mib(folder: Path) -> float:
+    total = 0
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+                    elif entry.is_dir(follow_symlinks=False):
+                        total += _folder_mib(Path(entry.path)) * 2**20
+                except OSError:
+                    continue
+    except OSError:
+        return 0.0
+    return total / 2**20
 
 
 def matplotlib_cache_dir() -> str | None:

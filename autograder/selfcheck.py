@@ -72,7 +72,7 @@ def check_results(solution: StudentResult, release: StudentResult) -> list[str]:
 def selfcheck(course: Course, lesson_ids: list[str] | None = None, jobs: int = 1,
               progress=print) -> tuple[list[str], list[StudentResult]]:
     progress("checking that lessons/, setup cells, badges and README table match a fresh generate ...")
-    problems = drift(course)
+    problems = drift(course, lesson_ids)
     solution, release = grade_solutions_and_releases(course, lesson_ids, jobs, progress)
     return problems + check_results(solution, release), [solution, release]
 
@@ -80,12 +80,14 @@ def selfcheck(course: Course, lesson_ids: list[str] | None = None, jobs: int = 1
 def calibrate(course: Course, lesson_ids: list[str] | None = None, jobs: int = 1, progress=print) -> list[str]:
     (solution,) = grade_solutions_and_releases(course, lesson_ids, jobs, progress, calibrate=True, releases=False)
     profiles = load_profiles()
-    written = []
+    written, failed = [], []
     for nb in solution.notebooks:
         observed = nb.observed
         if nb.score != nb.max_score or nb.errors:
-            raise SystemExit(f"calibrate: solutions/{nb.assignment}/{nb.notebook}.ipynb does not earn full marks "
-                             f"({nb.score:g}/{nb.max_score:g}; {nb.errors}); fix it first")
+            lost = [f"{c.grade_id}: {c.message}" for c in nb.cells if c.score < c.max_score]
+            failed.append(f"solutions/{nb.assignment}/{nb.notebook}.ipynb does not earn full marks "
+                          f"({nb.score:g}/{nb.max_score:g}; {nb.errors + lost}); fix it first")
+            continue
         profiles.setdefault(nb.assignment, {})[nb.notebook] = {
             "cell_seconds": {c["key"]: round(float(c["seconds"]), 2) for c in observed.get("cells", [])
                              if not c.get("not_run")},
@@ -96,4 +98,6 @@ def calibrate(course: Course, lesson_ids: list[str] | None = None, jobs: int = 1
         }
         written.append(f"{nb.assignment}/{nb.notebook}")
     write_profiles(profiles)
+    if failed:
+        raise SystemExit("calibrate: " + "\n".join(failed))
     return written

@@ -11,6 +11,7 @@ after the kernel is gone and then deletes. No workspace is ever inside the repos
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -48,8 +49,14 @@ def nbgrader_api(root: Path, course_id: str, config=None):
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    import nbgrader.api
     from nbgrader.apps import NbGraderAPI
     from nbgrader.coursedir import CourseDirectory
+
+    # nbgrader asks a new `alembic` process for the schema version of every gradebook it
+    # creates; the answer never changes within a run.
+    if not hasattr(nbgrader.api.get_alembic_version, "cache_info"):
+        nbgrader.api.get_alembic_version = functools.cache(nbgrader.api.get_alembic_version)
 
     config = config or nbgrader_config(root, course_id)
     return NbGraderAPI(coursedir=CourseDirectory(config=config), config=config)
