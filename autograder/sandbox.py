@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.utils import run_sync
 from traitlets import Dict as DictTrait
 from traitlets import Unicode
 
@@ -206,6 +207,16 @@ class GuardedKernelManager(AsyncKernelManager):
                                course_package=Path(self.sandbox["course_package"]),
                                matplotlib_cache=self.sandbox.get("matplotlib_cache"),
                                limits=Limits(**self.sandbox.get("limits", {})), env=env)
+
+    async def _async_interrupt_kernel(self) -> None:
+        # A signal from here cannot reach the kernel across the sandbox's own session and pid
+        # namespace: ask the kernel, on its control channel, to interrupt itself.
+        if not self.has_kernel:
+            return await super()._async_interrupt_kernel()
+        self._connect_control_socket()
+        self.session.send(self._control_socket, self.session.msg("interrupt_request", content={}))
+
+    interrupt_kernel = run_sync(_async_interrupt_kernel)
 
     def _guard_path(self) -> Path:
         if not self.sandbox:

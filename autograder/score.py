@@ -60,6 +60,7 @@ def score_notebook(spec: LessonSpec, outcome, findings: list[Finding], profile: 
                 result.cell_errors.append(f"cell {index + 1} ({label}): "
                                           + clean_message(f"{error[0]}: {error[1]}", hidden, 300))
 
+    timed_out_cells = {c.get("grade_id"): c.get("limit") for c in execution.get("cells", []) if c.get("timed_out")}
     for cell in result.cells:
         graded = graded_cells.get(cell.grade_id)
         error = _first_error(graded) if graded is not None else None
@@ -72,6 +73,10 @@ def score_notebook(spec: LessonSpec, outcome, findings: list[Finding], profile: 
             cell.message = clean_message(refused[cell.grade_id], hidden)
             if "pass signal" in refused[cell.grade_id] or "not counted" in refused[cell.grade_id]:
                 result.review.append(f"{cell.grade_id}: {cell.message}")
+        elif cell.grade_id in timed_out_cells:
+            limit = timed_out_cells[cell.grade_id] or 0
+            cell.message = (f"CellTimeoutError: the test ran past its {limit:.0f} s limit and was interrupted "
+                            "(an endless loop?)")
         elif error is not None:
             ename, evalue = error
             cell.message = clean_message(f"{ename}: {evalue}" if evalue.strip() else ename, hidden)

@@ -90,8 +90,12 @@ subprocess.Popen(["sh", "-c", "(sleep 900; echo {MARKER}) &"], start_new_session
 '''),
         "killer": Attack("grader state", '''
 import os, signal
-os.kill(-1, signal.SIGKILL)
-''', max_score=0, error="kernel died"),
+for pid in (-1, os.getppid(), 1):  # everything it can see, its parent, and init
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+''', review="signal"),
         "spawner": Attack("grader state", '''
 import subprocess
 children = [subprocess.Popen(["sleep", "120"]) for _ in range(400)]
