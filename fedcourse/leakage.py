@@ -11,9 +11,11 @@
   local steps), so the attack simulates exactly that on its dummy. ``deep_leakage_many`` runs
   many independent attacks as one vectorized computation (``torch.func.vmap``).
 - reconstruction quality on the pixel range [0, 1]: ``psnr`` and ``ssim`` (Wang et al. 2004, the
-  mean over all 7x7 windows), a chance level (``chance_ssim``: another digit as the guess), and
-  ``match_reconstructions`` / ``count_recovered``: a batch attack returns its digits in any
-  order, so they are matched one to one with the originals before they are scored.
+  mean over all 7x7 windows; ``ssim_matrix`` for every pair at once), a chance level
+  (``chance_ssim``: another digit as the guess), a line-up (``identified``: is a reconstruction
+  closer to its original than to every decoy?), and ``match_reconstructions`` /
+  ``count_recovered``: a batch attack returns its digits in any order, so they are matched one to
+  one with the originals before they are scored.
 - the attacker's view of a FedAvg update: ``update_to_gradient``, and ``local_steps`` to
   simulate a client's local training on the dummy;
 - ``_stand_in_top_k`` and ``_stand_in_quantize``: minimal compression of an update, standing in
