@@ -38,8 +38,7 @@ TABLE_END = "<!-- END LESSON TABLE -->"
 # CalledProcessError. The usual cause is a course.toml still naming a repository that does not
 # exist or is private, and git then asks for a password it cannot get.
 PIP_INSTALL_SNIPPET = '''\
-COURSE_REPOSITORY, COURSE_REF = "{repository}", "{ref}"
-COURSE_PACKAGE = f"{package} @ git+{{COURSE_REPOSITORY}}@{{COURSE_REF}}"
+COURSE_PACKAGE = "{pip_spec}"
 
 
 def pip_install(*requirements):
@@ -51,12 +50,12 @@ def pip_install(*requirements):
     if pip.returncode != 0:
         print(pip.stdout[-6000:])
         raise RuntimeError(
-            f"pip could not install {{' '.join(requirements)}} (its output is above). The course "
-            f"package comes from {{COURSE_REPOSITORY}} at {{COURSE_REF}}. If git could not read it "
-            "('could not read Username', 'Repository not found', a missing branch), that repository "
-            "does not exist, is private or lacks that branch or tag: the instructor sets `repository` "
-            "and `ref` in course.toml to the course's public GitHub repository, then runs `make "
-            "generate`. If pip could not reach the network at all, this runtime has no internet.")
+            f"pip could not install {{' '.join(requirements)}} (its output is above). If git could not "
+            "read the course repository in that address ('could not read Username', 'Repository not "
+            "found') or find the branch or tag after its last @, the repository does not exist, is "
+            "private or lacks that branch or tag: the instructor sets `repository` and `ref` in "
+            "course.toml to the course's public GitHub repository, then runs `make generate`. If pip "
+            "could not reach the network at all, this runtime has no internet.")
 '''
 
 SETUP_TEMPLATE = '''\
@@ -133,8 +132,8 @@ def badge_markdown(course: Course, lesson: Lesson, notebook: str) -> str:
 
 
 def pip_install_snippet(course: Course) -> str:
-    """Defines COURSE_PACKAGE (which is Course.pip_spec()) and pip_install()."""
-    return PIP_INSTALL_SNIPPET.format(package=course.package, repository=course.repository, ref=course.ref)
+    """Defines COURSE_PACKAGE, what pip installs from the course repository, and pip_install()."""
+    return PIP_INSTALL_SNIPPET.format(pip_spec=course.pip_spec())
 
 
 def setup_source(course: Course, lesson: Lesson | None = None) -> str:
