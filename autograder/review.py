@@ -73,6 +73,7 @@ WHY = {
     "lying": "defines methods that decide what comparisons and conversions say",
     "test-names": "reads a variable that only a test cell defines",
     "files": "writes a Python file, which could shadow a module",
+    "reference": "imports the course's reference implementation of a lesson",
 }
 
 
@@ -152,14 +153,26 @@ class _Reader(ast.NodeVisitor):
     def add(self, key: str, detail: str) -> None:
         self.findings.append(Finding(key, self.cell, detail))
 
+    def _reference(self, module: str) -> None:
+        from fedcourse.checks import TOOLBOX_MODULES
+
+        if module.split(".")[0] == "fedcourse" and module not in TOOLBOX_MODULES:
+            self.add(f"reference:{module}", f"imports {module}")
+
     def visit_Import(self, node):
         for alias in node.names:
             top = alias.name.split(".")[0]
             if top in SUSPECT_MODULES:
                 self.add(f"{SUSPECT_MODULES[top]}:import {alias.name}", f"import {alias.name}")
+            self._reference(alias.name)
         self.generic_visit(node)
 
     def visit_ImportFrom(self, node):
+        if node.module and node.level == 0:
+            self._reference(node.module)
+            if node.module == "fedcourse":
+                for alias in node.names:
+                    self._reference(f"fedcourse.{alias.name}")
         top = (node.module or "").split(".")[0]
         if top in SUSPECT_MODULES:
             names = ", ".join(a.name for a in node.names)

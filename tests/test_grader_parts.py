@@ -129,6 +129,7 @@ def _keys(code: str) -> set[str]:
     ("import importlib\nm = importlib.import_module('fedcourse.aggregation')", "imports:import importlib"),
     ("def weighted_average(v, w):\n    return In[-1]", "namespace:In"),
     ("%load_ext autoreload", "ipython:magic"),
+    ("from fedcourse.aggregation import weighted_average as average", "reference:fedcourse.aggregation"),
 ])
 def test_static_review_reports_what_tampering_needs(code, key):
     assert key in _keys(code)
