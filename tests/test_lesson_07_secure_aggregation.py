@@ -58,7 +58,7 @@ MESSAGES_A = {
     "test_share_secret": "x = 1, ..., n",
     "test_reconstruct_secret": "fewer than t shares reveal nothing",
     "test_unmask_response": "both",
-    "test_secure_aggregation": "refusing to unmask",
+    "test_secure_aggregation": "a client refused the server",
     "test_harary_neighbours": "ring in id order",
 }
 
