@@ -15,6 +15,7 @@ Modules, by what a lesson needs:
 - ``fedcourse.fedavg``       Federated Averaging: ClientUpdate, weighted average, sampling, dropout, server loop (lesson 03 onwards)
 - ``fedcourse.leakage``      gradient-leakage attacks: iDLG label inference, Deep Leakage from Gradients, PSNR/SSIM, matching (lesson 05 onwards)
 - ``fedcourse.paillier``     Paillier-encrypted aggregation with phe: fixed point mod n, packing, encrypted FedAvg (lesson 06 onwards)
+- ``fedcourse.secagg``       secure aggregation: fixed point mod 2**b, X25519 pairwise masks, Shamir sharing, the four rounds, SecAgg+ (lesson 07 onwards)
 - ``fedcourse.privacy``      DP mechanisms, DP-SGD, an RDP accountant, DP-FedAvg (lesson 08 onwards)
 
 Lessons import the submodule they need, e.g. ``from fedcourse.mnist import load_mnist``.
