@@ -46,7 +46,7 @@ import copy
 import functools
 import math
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -448,10 +448,6 @@ class LowRankLinear(nn.Module):
         return F.linear(x, self.weight0 + self.weight_update(), bias)
 
 
-def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, (nn.Linear, LowRankLinear))]
-
-
 def low_rank_model(model: nn.Module, rank: int, seed: int) -> nn.Module:
     """A copy of ``model`` in which the i-th ``nn.Linear`` (in ``named_modules`` order) becomes a
     ``LowRankLinear`` with seed ``seed + i``: a model whose training changes only the B factors
@@ -461,7 +457,8 @@ def low_rank_model(model: nn.Module, rank: int, seed: int) -> nn.Module:
     if outside:
         raise ValueError(f"low-rank updates are built for models made of nn.Linear layers; these parameters are not: {outside}")
     wrapped = copy.deepcopy(model)
-    for index, (name, linear) in enumerate(_linear_layers(wrapped)):
+    linears = [(name, module) for name, module in wrapped.named_modules() if isinstance(module, nn.Linear)]
+    for index, (name, linear) in enumerate(linears):
         parent_name, _, child = name.rpartition(".")
         parent = wrapped.get_submodule(parent_name) if parent_name else wrapped
         setattr(parent, child, LowRankLinear(linear, rank, seed + index))
@@ -522,7 +519,7 @@ class Codec:
     ``encode(update, seed) -> bytes`` runs on the client and ``decode(payload, seed) -> update``
     (a flat float32 tensor in ``flatten_state`` order) on the server. A sketch codec compresses
     what ordinary training produced; a structured codec (``LowRankCodec``) also changes what the
-    clients train (``client_model``) and what they encode (``client_update``).
+    clients train (``client_model``) and what they encode (``update_of``).
     """
 
     name = "codec"
@@ -538,7 +535,7 @@ class Codec:
         """The model every client of the round trains (the global model itself, for sketches)."""
         return model
 
-    def client_update(self, client_state: Mapping[str, torch.Tensor], global_vector: torch.Tensor):
+    def update_of(self, client_state: Mapping[str, torch.Tensor], global_vector: torch.Tensor):
         """What the client encodes: its trained weights minus the global weights, flat."""
         return flatten_state(client_state)[0] - global_vector
 
@@ -623,7 +620,7 @@ class LowRankCodec(Codec):
     def client_model(self, model: nn.Module, seed: int) -> nn.Module:
         return low_rank_model(model, self.rank, seed)
 
-    def client_update(self, client_state: Mapping[str, torch.Tensor], global_vector: torch.Tensor):
+    def update_of(self, client_state: Mapping[str, torch.Tensor], global_vector: torch.Tensor):
         """The trained factors, layer by layer (state_dict order is module order):
         ``[(B, bias update or None, columns of A), ...]``."""
         prefixes = [key[:-1] for key in client_state if key == "A" or key.endswith(".A")]
@@ -698,7 +695,7 @@ def compressed_round(
         total = torch.zeros_like(global_vector)
         for share, state in zip(shares.tolist(), states):
             seed = round_seed if codec.shared_seed else int(torch.randint(_SEED_RANGE, (1,), generator=seeds))
-            payload = codec.encode(codec.client_update(state, global_vector), seed)  # on the client
+            payload = codec.encode(codec.update_of(state, global_vector), seed)  # on the client
             if not isinstance(payload, bytes):
                 raise TypeError(f"{codec!r} returned {type(payload).__name__}; an encoder returns bytes")
             payload_bytes.append(len(payload))
