@@ -419,6 +419,13 @@ def low_rank_factor(rank: int, columns: int, seed: int) -> torch.Tensor:
     return torch.randn(int(rank), int(columns), generator=_generator(seed)) / math.sqrt(rank)
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_factor(rank: int, columns: int, seed: int) -> torch.Tensor:
+    """``low_rank_factor`` for the server, which decodes every client of a round with the same
+    seed: drawn once, never modified (only multiplied)."""
+    return low_rank_factor(rank, columns, seed)
+
+
 class LowRankLinear(nn.Module):
     """A frozen ``nn.Linear`` whose weight can only change by a rank-``rank`` matrix ``B @ A``.
 
@@ -487,7 +494,7 @@ def _decode_low_rank_layer(payload: bytes, seed: int, offset: int) -> tuple[torc
                          f"got {len(payload) - start}")
     values = torch.from_numpy(np.frombuffer(bytes(payload[start:start + 4 * count]), dtype="<f4").astype(np.float32))
     factor = values[: rows * rank].reshape(rows, rank)
-    weight_update = factor @ low_rank_factor(rank, columns, seed)
+    weight_update = factor @ _shared_factor(rank, columns, seed)
     bias_update = values[rows * rank:] if has_bias else None
     return weight_update, bias_update, start + 4 * count - offset
 
