@@ -18,8 +18,8 @@
   one with the originals before they are scored.
 - the attacker's view of a FedAvg update: ``update_to_gradient``, and ``local_steps`` to
   simulate a client's local training on the dummy;
-- ``_stand_in_top_k`` and ``_stand_in_quantize``: minimal compression of an update, standing in
-  for lesson 04's ``fedcourse.compression`` until it is merged.
+- ``top_k_sparsify`` and ``quantize_update``: compressed updates as defences (the quantization is
+  lesson 04's, from ``fedcourse.compression``).
 
 Gradients are lists of tensors in the order of ``model.parameters()``, what
 ``torch.autograd.grad(loss, model.parameters())`` returns and what a client would upload.
@@ -391,14 +391,14 @@ def show_reconstructions(originals: torch.Tensor, rows: Mapping[str, torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------
-# Compression, until lesson 04's fedcourse.compression is merged
+# Compressed updates as defences (quantization is lesson 04's, fedcourse.compression)
 # ---------------------------------------------------------------------------------------------
 
 
-def _stand_in_top_k(gradients: Sequence[torch.Tensor], keep: float) -> tuple[Gradients, Gradients]:
+def top_k_sparsify(gradients: Sequence[torch.Tensor], keep: float) -> tuple[Gradients, Gradients]:
     """Top-k sparsification of a whole update: keep the ``keep`` fraction of coordinates with the
     largest magnitudes (over all tensors together), zero the rest. Returns (sparse update, masks
-    of what was sent). A stand-in for lesson 04's compression."""
+    of what was sent)."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must lie in (0, 1], got {keep}")
     flat = torch.cat([g.flatten() for g in gradients])
@@ -414,20 +414,13 @@ def _stand_in_top_k(gradients: Sequence[torch.Tensor], keep: float) -> tuple[Gra
     return sparse, masks
 
 
-def _stand_in_quantize(gradients: Sequence[torch.Tensor], levels: int, generator: torch.Generator) -> Gradients:
-    """Unbiased stochastic quantization of each tensor to ``levels`` evenly spaced values between
-    its minimum and maximum (Suresh et al. 2017); what the server decodes. ``levels=2`` is one bit
-    per coordinate. A stand-in for lesson 04's compression."""
-    if int(levels) != levels or levels < 2:
-        raise ValueError(f"levels must be an integer >= 2, got {levels}")
-    quantized = []
+def quantize_update(gradients: Sequence[torch.Tensor], levels: int, generator: torch.Generator) -> Gradients:
+    """What the server decodes after each tensor went through lesson 04's unbiased stochastic
+    ``levels``-level quantization (``levels=2``: one bit per coordinate)."""
+    from fedcourse.compression import dequantize, stochastic_quantize
+
+    decoded = []
     for g in gradients:
-        low, high = g.min(), g.max()
-        if high == low:
-            quantized.append(g.clone())
-            continue
-        position = (g - low) / (high - low) * (levels - 1)
-        floor = position.floor()
-        up = torch.rand(g.shape, generator=generator) < (position - floor)
-        quantized.append(low + (floor + up.to(g.dtype)) * (high - low) / (levels - 1))
-    return quantized
+        indices, low, high = stochastic_quantize(g, levels, generator)
+        decoded.append(dequantize(indices, low, high, levels).reshape(g.shape).to(g.dtype))
+    return decoded
