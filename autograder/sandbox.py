@@ -91,7 +91,9 @@ def _python_roots(python: str) -> list[Path]:
     query = ("import sys, sysconfig, json; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, "
              "sys.base_exec_prefix] + sorted({p for p in sys.path if p})))")
     try:
-        out = subprocess.run([python, "-c", query], capture_output=True, text=True, timeout=60, check=True).stdout
+        clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+        out = subprocess.run([python, "-c", query], capture_output=True, text=True, timeout=60, check=True,
+                             env=clean).stdout
         import json
 
         paths = [Path(p) for p in json.loads(out)]
@@ -202,6 +204,9 @@ class GuardedKernelManager(AsyncKernelManager):
         runtime_dir = self.sandbox["runtime_dir"]
         env = kernel_environment(runtime_dir)
         env["AUTOGRADER_GUARD_CONFIG"] = self.guard_config
+        # The course package the grader itself uses (a worktree's, say), ahead of any installed one;
+        # only the package folder is visible there, not the rest of its repository.
+        env["PYTHONPATH"] = str(Path(self.sandbox["course_package"]).parent)
         cwd = self._launch_args.get("cwd") or os.getcwd()
         return sandbox_command(cmd, cwd=str(cwd), runtime_dir=runtime_dir,
                                course_package=Path(self.sandbox["course_package"]),
