@@ -51,13 +51,17 @@ MISTAKES = {
     # headroom floor(log2 K) instead of ceil: too narrow for 3 clients
     "packing_slots": [("return value_bits + (num_clients - 1).bit_length()",
                        "return value_bits + int(math.log2(num_clients))")],
-    # encryption computes the right slot width itself (so that it stays correct);
-    # decryption forgets that the slots only have headroom for packing.num_clients
+    # encryption and decryption compute the right slot width themselves (so that they stay correct
+    # next to the wrong slot_bits_for above); decryption uses raw_decrypt and never checks the key
     "packed_encryption": [
         ("""    \"\"\"Client: quantize weight * update with an offset, pack as many slots per plaintext as fit, encrypt each.\"\"\"
     slot_bits = slot_bits_for(packing.value_bits, packing.num_clients)""",
          """    \"\"\"Client: quantize weight * update with an offset, pack as many slots per plaintext as fit, encrypt each.\"\"\"
     slot_bits = packing.value_bits + math.ceil(math.log2(packing.num_clients))"""),
+        ("""    slot_bits = slot_bits_for(packing.value_bits, packing.num_clients)
+    per_ciphertext = (private_key.public_key.n.bit_length() - 1) // slot_bits""",
+         """    slot_bits = packing.value_bits + (packing.num_clients - 1).bit_length()
+    per_ciphertext = (private_key.public_key.n.bit_length() - 1) // slot_bits"""),
         # decryption reads the raw plaintext with raw_decrypt, which never checks the key
         ("unpack(private_key.decrypt_encoded(c).encoding,", "unpack(private_key.raw_decrypt(c.ciphertext(be_secure=False)),"),
     ],
