@@ -119,7 +119,8 @@ def _run_setup_cell(source: str, env: dict, preload_numpy: bool) -> subprocess.C
     python = REPO / ".venv-pysyft" / "bin" / "python"
     if not python.exists():
         pytest.skip("the PySyft environment is not built here (make setup builds it)")
-    prelude = ("import subprocess\nsubprocess.run = lambda *a, **k: print('PIP', a[0][3:])\n"
+    prelude = ("import subprocess\nsubprocess.run = lambda *a, **k: "
+               "print('PIP', a[0][3:]) or subprocess.CompletedProcess(a[0], 0, '', '')\n"
                + ("import sys, types\nsys.modules['numpy'] = types.SimpleNamespace(__version__='2.0.2')\n"
                   if preload_numpy else ""))
     return subprocess.run([str(python), "-c", prelude + source], capture_output=True, text=True,
