@@ -274,6 +274,11 @@ def test_dead_ends_are_found_as_lessons_come_and_go(tmp_path):
     makes the plain references to it fine; removing lesson 03 makes references to it dead ends."""
     course = _course_with(tmp_path, ["02-federated-mnist", "05-gradient-leakage", "06-paillier",
                                      "08-differential-privacy"])
+    for lesson_id in ("06-paillier", "08-differential-privacy"):  # as they read before lesson 05 was released
+        (path,) = (tmp_path / "course" / "solutions" / lesson_id).glob("*.ipynb")
+        nb = nbformat.read(path, as_version=4)
+        nb.cells[0].source += "\n\nLesson 05, coming soon, recovers whole images."
+        nbformat.write(nb, path)
     found = {(lesson, cell, number): problem for lesson, cell, number, problem in dead_ends(course)}
     assert found[("06-paillier", "md-01", "05")] == "released, but called coming soon"
     assert found[("08-differential-privacy", "md-01", "05")] == "released, but called coming soon"
