@@ -60,6 +60,7 @@ class GuardedExecute(Execute):
             (self.job.get("matplotlib_cache") or ""),
         })
         self.kernel_manager_class = GuardedKernelManager
+        self.shutdown_kernel = "immediate"  # nothing of the kernel is kept: no graceful goodbye
         self.config.GuardedKernelManager.guard_config = str(config_path)
         self.config.GuardedKernelManager.sandbox = (dict(self.job["sandbox"], runtime_dir=str(runtime))
                                                     if self.job.get("sandbox") else {})

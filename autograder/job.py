@@ -10,6 +10,7 @@ workspace.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import traceback
@@ -106,6 +107,17 @@ def grade(ticket: dict) -> NotebookResult:
         return result
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def entry(ticket_path: str, log_path: str) -> None:
+    """A job as a child of the class runner's fork server: modules are already imported, so a
+    job starts in milliseconds instead of seconds. It leads a session of its own (the runner
+    kills the whole group if it overruns) and writes what it prints into its folder."""
+    os.setsid()
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    sys.exit(main([ticket_path]))
 
 
 def main(argv: list[str]) -> int:

@@ -12,10 +12,10 @@ kernel, and results are put in a fixed order.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .course import Course
 from .intake import Job, Refused, Specs, collect
+from .job import entry as job_entry
 from .kernels import missing_kernel
 from .profiles import cell_limits, load_profiles, machine_slowdown, profile_for
 from .results import NotebookResult, StudentResult, empty_result, validate_student_id
@@ -183,14 +184,16 @@ class ClassRun:
         ticket_file = folder / "ticket.json"
         ticket_file.write_text(json.dumps(ticket))
         timeout = ticket["limits"]["notebook"] + JOB_GRACE_SECONDS
-        proc = subprocess.Popen([sys.executable, "-m", "autograder.job", str(ticket_file)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=folder, env=_job_environment())
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
+        log = folder / "job.log"
+        proc = _job_context().Process(target=job_entry, args=(str(ticket_file), str(log)), daemon=False)
+        proc.start()
+        proc.join(timeout)
+        if proc.is_alive():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                proc.kill()
+            proc.join()
             result = empty_result(_spec_of(ticket), f"grading stopped after {timeout:.0f} s: the notebook never "
                                   "finished (an endless loop that ignores interrupts?); it scores 0")
         else:
@@ -198,7 +201,8 @@ class ClassRun:
             if result_file.is_file():
                 result = NotebookResult.from_json(json.loads(result_file.read_text()))
             else:
-                last = (output or b"").decode("utf-8", "replace").strip().splitlines()[-1:] or ["no message"]
+                output = log.read_text(errors="replace") if log.is_file() else ""
+                last = output.strip().splitlines()[-1:] or [f"exit code {proc.exitcode}"]
                 result = empty_result(_spec_of(ticket), f"the grader failed on this notebook ({last[0][:300]}); "
                                       "it scores 0: tell the course staff")
         shutil.rmtree(folder, ignore_errors=True)
@@ -234,16 +238,23 @@ class ClassRun:
         return update
 
 
+_CONTEXT = None
+
+
+def _job_context():
+    """Jobs are forked from a server process that has imported the grader once (a fresh
+    interpreter per job would spend seconds importing nbgrader, nbformat and jupyter_client)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(["autograder.job"])
+    return _CONTEXT
+
+
 def _spec_of(ticket: dict):
     from .spec import LessonSpec
 
     return LessonSpec.from_json(ticket["spec"])
-
-
-def _job_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
 
 
 def sandbox_choice(require: bool, say: Callable[[str], None]) -> bool | str:
