@@ -131,8 +131,10 @@ class ClassRun:
                         runnable.append(job)
                 accepted = runnable
                 pending[student.id] = len(accepted)
-                for job in accepted:
-                    jobs.append((job, self._ticket(job, templates, slowdown)))
+                jobs += [(job, None) for job in accepted]
+            # Each lesson's template once, in parallel; then a ticket per job.
+            templates.prepare([job.lesson for job, _ in jobs], self.options.jobs, _job_context())
+            jobs = [(job, self._ticket(job, templates, slowdown)) for job, _ in jobs]
             for student in students:
                 if pending[student.id] == 0:
                     done(student.id)

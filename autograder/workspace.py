@@ -104,6 +104,20 @@ class Templates:
         self.folder = Path(folder or tempfile.mkdtemp(prefix="autograder-templates-"))
         self._made: dict[str, LessonTemplate] = {}
 
+    def prepare(self, lessons: list[Lesson], jobs: int = 1, context=None) -> None:
+        """Make the templates of `lessons` now, `jobs` at a time, in processes of `context`."""
+        todo = [lesson for lesson in dict.fromkeys(lessons) if lesson.id not in self._made]
+        if jobs <= 1 or len(todo) <= 1:
+            for lesson in todo:
+                self.get(lesson)
+            return
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            made = pool.map(build_template, [self.course] * len(todo), todo, [self.folder / l.id for l in todo])
+            for template in made:
+                self._made[template.lesson.id] = template
+
     def get(self, lesson: Lesson) -> LessonTemplate:
         if lesson.id not in self._made:
             self._made[lesson.id] = build_template(self.course, lesson, self.folder / lesson.id)
