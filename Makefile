@@ -16,9 +16,9 @@ PYSYFT_KERNEL := fedcourse-pysyft
 PYSYFT_KERNEL_DISPLAY := Python 3 (PySyft 0.9.5, lesson 09)
 PYSYFT_STAMP  := $(PYSYFT_VENV)/.installed
 PYSYFT_KERNEL_SPEC := $(VENV)/share/jupyter/kernels/$(PYSYFT_KERNEL)/kernel.json
-ENVS        := $(STAMP) $(PYSYFT_KERNEL_SPEC)
+ENVS        := $(STAMP) $(PYSYFT_KERNEL_SPEC) sandbox
 
-.PHONY: setup test grade lab selfcheck bench generate clean
+.PHONY: setup sandbox test grade lab selfcheck bench generate clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "The course needs Python 3.11 or newer; run: make PYTHON=python3.11 ...")'
@@ -39,6 +39,20 @@ $(PYSYFT_KERNEL_SPEC): $(PYSYFT_STAMP) $(STAMP)
 	$(PYSYFT_VENV)/bin/python -m ipykernel install --prefix "$(abspath $(VENV))" \
 		--name $(PYSYFT_KERNEL) --display-name "$(PYSYFT_KERNEL_DISPLAY)"
 	@touch $@
+
+# The grader runs student code in a bubblewrap sandbox. Installed here when this is a Debian or
+# Ubuntu machine and we are root; otherwise grading warns loudly and runs unsandboxed (and
+# `--require-sandbox`, which CI and the workflow template use, refuses to grade).
+sandbox:
+	@if command -v bwrap >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing bubblewrap (the grader's sandbox)"; \
+		apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }; \
+	else \
+		echo "WARNING: bubblewrap (bwrap) is not installed, so student code cannot be sandboxed when graded."; \
+		echo "         Install it (Debian/Ubuntu: sudo apt-get install bubblewrap) before grading a class."; \
+	fi
 
 setup: $(ENVS)
 

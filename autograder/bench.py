@@ -8,6 +8,7 @@ RUSAGE_CHILDREN maximum and nothing is written into the repository.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -81,6 +82,33 @@ def bench(course: Course, lesson_ids: list[str] | None = None, cell_timeout: flo
                             "error": (proc.stderr.strip().splitlines() or ["the runner crashed"])[-1]}
                 results.append(BenchResult(f"{lesson.id}/{notebook}.ipynb", **data))
     return results
+
+
+def bench_grading(course: Course, students: int, jobs: int, say=print) -> str:
+    """Grade a synthetic class (copies of the example lesson-00 submission) with --jobs 1 and
+    --jobs N, and print notebooks per minute for each: the figures the README quotes."""
+    from .pool import ClassRun, Options, Student, sandbox_choice
+
+    example = course.root / "examples" / "submissions" / "alice"
+    sandbox = bool(sandbox_choice(False, say))
+    lines = [f"grading {students} lesson-00 submissions on {os.cpu_count()} cores "
+             f"({'sandboxed' if sandbox else 'NOT sandboxed'}):"]
+    times = {}
+    with tempfile.TemporaryDirectory(prefix="bench-grading-") as tmp:
+        for k in range(students):
+            shutil.copytree(example, Path(tmp) / f"student{k:02d}")
+        class_ = [Student(f"student{k:02d}", Path(tmp) / f"student{k:02d}") for k in range(students)]
+        for n in sorted({1, jobs}):
+            with ClassRun(course, Options(jobs=n, sandbox=sandbox, progress=False), say) as run:
+                start = time.perf_counter()
+                results = run.grade(class_)
+                times[n] = time.perf_counter() - start
+            scores = sorted({r.total for r in results})
+            lines.append(f"  --jobs {n}: {times[n]:6.1f} s, {students / times[n] * 60:5.1f} notebooks per minute "
+                         f"(scores {', '.join(f'{s:g}' for s in scores)})")
+    if len(times) > 1:
+        lines.append(f"  speed-up with --jobs {jobs}: {times[1] / times[jobs]:.2f}x")
+    return "\n".join(lines)
 
 
 def table(results: list[BenchResult], budget: float = BUDGET_SECONDS) -> str:

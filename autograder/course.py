@@ -42,6 +42,8 @@ class Lesson:
     kernel_display_name: str | None = None
     requirements: str | None = None  # pip requirements file of its environment, from the root
     colab_skip: tuple[str, ...] = ()  # packages of `requirements` that Colab keeps its own of
+    # What the lesson before it says about this lesson under "What comes next" (course.toml).
+    teaser: str = ""
 
     @property
     def built(self) -> bool:
@@ -118,17 +120,21 @@ class Course:
         """The curriculum from course.toml, each with the notebooks found in solutions/."""
         lessons = []
         known = set()
-        for entry in self.config.get("lessons", []):
+        for position, entry in enumerate(self.config.get("lessons", [])):
             folder = self.solutions_dir / entry["id"]
             notebooks = tuple(sorted(p.stem for p in folder.glob("*.ipynb"))) if folder.is_dir() else ()
             own = [key for key in ("kernel", "kernel_display_name", "requirements") if key in entry]
             if own and len(own) != 3:
                 raise SystemExit(f"{self.config_path}: lesson {entry['id']} needs all of kernel, "
                                  "kernel_display_name and requirements, or none of them")
+            if position > 0 and not entry.get("teaser", "").strip():
+                raise SystemExit(f"{self.config_path}: lesson {entry['id']} needs a `teaser`: what the "
+                                 "lesson before it says about it under \"What comes next\"")
             lessons.append(Lesson(entry["id"], entry["title"], entry.get("builds", ""), notebooks,
                                   kernel=entry.get("kernel"), kernel_display_name=entry.get("kernel_display_name"),
                                   requirements=entry.get("requirements"),
-                                  colab_skip=tuple(entry.get("colab_skip", ()))))
+                                  colab_skip=tuple(entry.get("colab_skip", ())),
+                                  teaser=" ".join(entry.get("teaser", "").split())))
             known.add(entry["id"])
         strays = sorted(p.name for p in self.solutions_dir.iterdir() if p.is_dir() and p.name not in known) \
             if self.solutions_dir.is_dir() else []

@@ -1,11 +1,17 @@
-"""Score tables for the terminal, and the grades CSV files for instructors."""
+"""Stage 4, report: score tables for the terminal, grades CSV files, the per-student JSON.
+
+Every message in them has already been cleaned (autograder/sanitize.py): no control
+characters, no hidden tests, capped in length. CSV cells that a spreadsheet would take for a
+formula are escaped here.
+"""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
-from .grading import StudentResult
+from .results import StudentResult
+from .sanitize import csv_cell
 
 
 def _points(score: float, maximum: float) -> str:
@@ -19,10 +25,13 @@ def student_table(result: StudentResult) -> str:
         for cell in nb.cells:
             row = f"      {cell.grade_id}".ljust(52) + _points(cell.score, cell.max_score)
             if cell.message:
-                row += f"   {cell.message}"
+                first = cell.message.splitlines()[0] if cell.message.strip() else cell.message
+                row += f"   {first[:200]}"
             lines.append(row)
         for error in nb.errors:
             lines.append(f"      ERROR: {error}")
+        for reason in nb.review:
+            lines.append(f"      REVIEW: {reason}")
     return "\n".join(lines)
 
 
@@ -34,8 +43,8 @@ def class_table(results: list[StudentResult]) -> str:
     totals: dict[tuple[str, str], dict[str, str]] = {}
     for result in results:
         for nb in result.notebooks:
-            totals.setdefault((nb.assignment, nb.notebook), {})[result.student] = (
-                _points(nb.score, nb.max_score) + (" !" if nb.errors else ""))
+            mark = (" !" if nb.errors else "") + (" ?" if nb.review else "")
+            totals.setdefault((nb.assignment, nb.notebook), {})[result.student] = _points(nb.score, nb.max_score) + mark
             for cell in nb.cells:
                 rows.setdefault((nb.assignment, nb.notebook, cell.grade_id), {})[result.student] = \
                     _points(cell.score, cell.max_score)
@@ -52,6 +61,8 @@ def class_table(results: list[StudentResult]) -> str:
                  + "".join(_points(r.total, r.max_total).rjust(width) for r in results))
     if any(nb.errors for r in results for nb in r.notebooks):
         lines.append("(! = the notebook has errors; see the per-student report above or the JSON)")
+    if any(nb.review for r in results for nb in r.notebooks):
+        lines.append("(? = marked for an instructor's review: see `review` in the JSON or grades.csv)")
     return "\n".join(lines)
 
 
@@ -61,17 +72,17 @@ def write_grades_csv(results: list[StudentResult], out_dir: Path) -> tuple[Path,
     grades, cells = out_dir / "grades.csv", out_dir / "cells.csv"
     with open(grades, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["student", "assignment", "notebook", "score", "max_score", "errors"])
+        writer.writerow(["student", "assignment", "notebook", "score", "max_score", "errors", "review"])
         for r in results:
             for nb in r.notebooks:
-                writer.writerow([r.student, nb.assignment, nb.notebook, nb.score, nb.max_score,
-                                 " | ".join(nb.errors)])
+                writer.writerow([csv_cell(v) for v in (r.student, nb.assignment, nb.notebook, nb.score, nb.max_score,
+                                                       " | ".join(nb.errors), " | ".join(nb.review))])
     with open(cells, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["student", "assignment", "notebook", "grade_id", "score", "max_score", "message"])
         for r in results:
             for nb in r.notebooks:
                 for cell in nb.cells:
-                    writer.writerow([r.student, nb.assignment, nb.notebook, cell.grade_id, cell.score,
-                                     cell.max_score, cell.message or ""])
+                    writer.writerow([csv_cell(v) for v in (r.student, nb.assignment, nb.notebook, cell.grade_id,
+                                                           cell.score, cell.max_score, cell.message or "")])
     return grades, cells

@@ -13,7 +13,10 @@ Modules, by what a lesson needs:
 - ``fedcourse.federated_data`` federated data sets, the federated data loader and the send-train-get step (lesson 02)
 - ``fedcourse.syft_compat``  the PySyft 0.2 names (``from fedcourse import syft_compat as sy``) over pointers and federated data
 - ``fedcourse.fedavg``       Federated Averaging: ClientUpdate, weighted average, sampling, dropout, server loop (lesson 03 onwards)
+- ``fedcourse.compression``  compressed uplinks: bit packing, quantization, rotation, subsampling, low rank, compressed rounds (lesson 04 onwards)
+- ``fedcourse.leakage``      gradient-leakage attacks: iDLG label inference, Deep Leakage from Gradients, PSNR/SSIM, matching (lesson 05 onwards)
 - ``fedcourse.paillier``     Paillier-encrypted aggregation with phe: fixed point mod n, packing, encrypted FedAvg (lesson 06 onwards)
+- ``fedcourse.secagg``       secure aggregation: fixed point mod 2**b, X25519 pairwise masks, Shamir sharing, the four rounds, SecAgg+ (lesson 07 onwards)
 - ``fedcourse.privacy``      DP mechanisms, DP-SGD, an RDP accountant, DP-FedAvg (lesson 08 onwards)
 
 Lessons import the submodule they need, e.g. ``from fedcourse.mnist import load_mnist``.

@@ -22,20 +22,33 @@ MESSAGE_LIMIT = 280
 def check_close(actual, expected, what: str, atol: float = 1e-6, rtol: float = 1e-5) -> None:
     """Fail with `what` unless `actual` is a tensor (or dict of tensors) close to `expected`."""
     if isinstance(expected, Mapping):
-        if not isinstance(actual, Mapping):
+        if not isinstance(actual, dict):
             raise AssertionError(f"{what}: expected a dict with keys {sorted(expected)}, got {type(actual).__name__}")
-        if set(actual) != set(expected):
-            raise AssertionError(f"{what}: expected keys {sorted(expected)}, got {sorted(actual)}")
+        keys = list(dict.keys(actual))  # a dict's own keys, whatever a subclass says
+        if set(keys) != set(expected):
+            raise AssertionError(f"{what}: expected keys {sorted(expected)}, got {sorted(keys)}")
         for key in expected:
-            check_close(actual[key], expected[key], f"{what} (entry {key!r})", atol, rtol)
+            check_close(dict.__getitem__(actual, key), expected[key], f"{what} (entry {key!r})", atol, rtol)
         return
-    if not isinstance(actual, torch.Tensor):
-        raise AssertionError(f"{what}: expected a torch.Tensor, got {type(actual).__name__}")
+    actual = plain_tensor(actual, what)
     expected = torch.as_tensor(expected)
     if tuple(actual.shape) != tuple(expected.shape):
         raise AssertionError(f"{what}: expected shape {tuple(expected.shape)}, got {tuple(actual.shape)}")
     if not torch.allclose(actual.double(), expected.double(), atol=atol, rtol=rtol):
         raise AssertionError(f"{what}:\n{_describe_difference(actual, expected, atol, rtol, len(what))}")
+
+
+def plain_tensor(value, what: str) -> torch.Tensor:
+    """`value` if it is an ordinary tensor (or a parameter), else a failed check.
+
+    A tensor subclass can override how every torch function treats it (`__torch_function__`),
+    comparisons included, so a test must not take its word for being close to anything."""
+    if type(value) not in (torch.Tensor, torch.nn.Parameter):
+        if isinstance(value, torch.Tensor):
+            raise AssertionError(f"{what}: expected a plain torch.Tensor, got a {type(value).__name__} "
+                                 "(a subclass of torch.Tensor); return torch.Tensor values")
+        raise AssertionError(f"{what}: expected a torch.Tensor, got {type(value).__name__}")
+    return value.detach() if type(value) is torch.nn.Parameter else value
 
 
 def _describe_difference(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-6, rtol: float = 1e-5,

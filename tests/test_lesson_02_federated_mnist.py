@@ -14,7 +14,7 @@ from __future__ import annotations
 import nbformat
 import pytest
 
-from conftest import REPO, answered_release, grade_submission
+from conftest import REPO, answered_release, plant
 
 LESSON = "02-federated-mnist"
 RELEASE = REPO / "lessons" / LESSON / "federated-mnist.ipynb"
@@ -157,21 +157,16 @@ SUBMISSIONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def graded(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lesson02")
-    results = {}
-    for student, (bodies, _) in SUBMISSIONS.items():
-        folder = root / student
-        folder.mkdir()
-        nbformat.write(submission(*bodies), folder / RELEASE.name)
-        results[student] = grade_submission(folder, student, root / f"{student}.json")
-    return results
+# Graded with the rest of the suite's planted submissions, in one class run (conftest's `plant`).
+STUDENTS = {student: plant(LESSON, student, lambda bodies=bodies: submission(*bodies))
+            for student, (bodies, _) in SUBMISSIONS.items()}
 
 
 @pytest.mark.parametrize("student", SUBMISSIONS)
-def test_each_planted_mistake_loses_its_cells_points(graded, student):
-    cells = {c["grade_id"]: c["score"] for c in graded[student]["cells"]}
+def test_each_planted_mistake_loses_its_cells_points(planted_grades, student):
+    if "forwards" not in student:  # honest mistakes are not tampering
+        assert planted_grades.notebook(STUDENTS[student])["review"] == []
+    cells = {c["grade_id"]: c["score"] for c in planted_grades.notebook(STUDENTS[student])["cells"]}
     expected = dict(zip(CELLS, SUBMISSIONS[student][1]))
     assert {cell: cells[cell] for cell in CELLS} == expected
 

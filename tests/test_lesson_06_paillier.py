@@ -3,7 +3,13 @@
 Each of two submissions, graded by the real autograder, carries planted mistakes in several
 graded functions (independent of each other: every other function is the solution). Each
 mistake must cost exactly its own test cell, with a message that says why, and the untouched
-cells keep full marks. Two submissions, because some mistakes live in the same function.
+cells keep full marks. Two submissions, because some mistakes live in the same function. A
+third, the control, is correct but decrypts with phe's ``raw_decrypt`` and decodes by hand, as
+a student may: it must earn full marks.
+
+All three are registered with ``plant()`` and graded in the suite's one class run. The
+measurements after the last graded cell (section 5: timings, bytes, training) grade nothing and
+are emptied in all three; the control's full marks show that no graded cell needs them.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import nbformat
 import pytest
 
-from conftest import answered_release, grade_submission
+from conftest import answered_release, plant
 
 LESSON = "06-paillier"
 
@@ -45,16 +51,19 @@ MISTAKES = {
     # headroom floor(log2 K) instead of ceil: too narrow for 3 clients
     "packing_slots": [("return value_bits + (num_clients - 1).bit_length()",
                        "return value_bits + int(math.log2(num_clients))")],
-    # encryption computes the right slot width itself (so that it stays correct);
-    # decryption forgets that the slots only have headroom for packing.num_clients
+    # encryption and decryption compute the right slot width themselves (so that they stay correct
+    # next to the wrong slot_bits_for above); decryption uses raw_decrypt and never checks the key
     "packed_encryption": [
         ("""    \"\"\"Client: quantize weight * update with an offset, pack as many slots per plaintext as fit, encrypt each.\"\"\"
     slot_bits = slot_bits_for(packing.value_bits, packing.num_clients)""",
          """    \"\"\"Client: quantize weight * update with an offset, pack as many slots per plaintext as fit, encrypt each.\"\"\"
     slot_bits = packing.value_bits + math.ceil(math.log2(packing.num_clients))"""),
-        ("""    if num_contributors > packing.num_clients:
-        raise ValueError(f"the slots have headroom for {packing.num_clients} clients, not {num_contributors}")
-""", ""),
+        ("""    slot_bits = slot_bits_for(packing.value_bits, packing.num_clients)
+    per_ciphertext = (private_key.public_key.n.bit_length() - 1) // slot_bits""",
+         """    slot_bits = packing.value_bits + (packing.num_clients - 1).bit_length()
+    per_ciphertext = (private_key.public_key.n.bit_length() - 1) // slot_bits"""),
+        # decryption reads the raw plaintext with raw_decrypt, which never checks the key
+        ("unpack(private_key.decrypt_encoded(c).encoding,", "unpack(private_key.raw_decrypt(c.ciphertext(be_secure=False)),"),
     ],
 }
 
@@ -83,7 +92,7 @@ MESSAGES = {
     "test_encrypt_update": "protocol's exponent",
     "test_aggregate_encrypted": "different public key",
     "test_slot_bits": "ceil(log2 3)",
-    "test_decrypt_packed": "headroom",
+    "test_decrypt_packed": "wrong private key",
 }
 
 
@@ -146,19 +155,64 @@ MESSAGES_2 = {
     "test_decrypt_packed": "decrypt_encoded",
 }
 
-PLANTED = {"first": (MISTAKES, EXPECTED, MESSAGES), "second": (MISTAKES_2, EXPECTED_2, MESSAGES_2)}
+# The control: correct, but both decryptions use raw_decrypt, check the key themselves and decode
+# by hand (phe's signed convention), which the specification allows.
+RAW_DECRYPT = {
+    "phe_fedavg": [("""    return torch.tensor([private_key.decrypt(c) for c in ciphertexts], dtype=torch.float64)""",
+                    """    n = private_key.public_key.n
+    values = []
+    for c in ciphertexts:
+        if c.public_key != private_key.public_key:
+            raise ValueError("this ciphertext was encrypted under another public key")
+        m = private_key.raw_decrypt(c.ciphertext(be_secure=False))
+        if n // 3 < m < n - n // 3:
+            raise OverflowError("the decrypted value lies in the overflow band")
+        values.append((m - n if m >= n - n // 3 else m) * 16.0**c.exponent)
+    return torch.tensor(values, dtype=torch.float64)""")],
+    "packed_encryption": [
+        ("""    for c in ciphertexts:
+        sums += unpack(private_key.decrypt_encoded(c).encoding, slot_bits, min(per_ciphertext, count - len(sums)))""",
+         """    for c in ciphertexts:
+        if c.public_key != private_key.public_key:
+            raise ValueError("this ciphertext was encrypted under another public key")
+        plaintext = private_key.raw_decrypt(c.ciphertext(be_secure=False))
+        sums += unpack(plaintext, slot_bits, min(per_ciphertext, count - len(sums)))""")],
+}
+
+EXPECTED_CONTROL = {  # full marks
+    "test_keys": 1, "test_encrypt": 2, "test_decrypt": 2, "test_add_multiply": 2, "test_encode_fixed": 2,
+    "test_decode_fixed": 2, "test_encrypt_update": 2, "test_aggregate_encrypted": 2, "test_decrypt_aggregate": 1,
+    "test_pack_unpack": 2, "test_slot_bits": 1, "test_encrypt_packed": 2, "test_decrypt_packed": 2,
+}
+
+PLANTED = {"first": (MISTAKES, EXPECTED, MESSAGES), "second": (MISTAKES_2, EXPECTED_2, MESSAGES_2),
+           "control": (RAW_DECRYPT, EXPECTED_CONTROL, {})}
+
+
+def submission(mistakes: dict) -> nbformat.NotebookNode:
+    """The released lesson answered with the solutions, `mistakes` planted, section 5 emptied."""
+    nb = answered_release(LESSON, mistakes)
+    last_test = max(i for i, c in enumerate(nb.cells) if c.metadata.get("nbgrader", {}).get("grade"))
+    for cell in nb.cells[last_test + 1:]:
+        if cell.cell_type == "code":
+            cell.source = ""
+    return nb
+
+
+STUDENTS = {which: plant(LESSON, which, lambda mistakes=mistakes: submission(mistakes))
+            for which, (mistakes, _, _) in PLANTED.items()}
 
 
 @pytest.mark.parametrize("which", sorted(PLANTED))
-def test_each_planted_mistake_costs_its_own_cell(tmp_path, which):
-    mistakes, expected, expected_messages = PLANTED[which]
-    submission = tmp_path / "planted" / LESSON / "paillier.ipynb"
-    submission.parent.mkdir(parents=True)
-    nbformat.write(answered_release(LESSON, mistakes), submission)
-    notebook = grade_submission(tmp_path / "planted", "planted", tmp_path / "planted.json")
+def test_each_planted_mistake_costs_its_own_cell(planted_grades, which):
+    _, expected, expected_messages = PLANTED[which]
+    notebook = planted_grades.notebook(STUDENTS[which])
     assert not notebook["errors"], notebook["errors"]
     scores = {cell["grade_id"]: cell["score"] for cell in notebook["cells"]}
+    max_scores = {cell["grade_id"]: cell["max_score"] for cell in notebook["cells"]}
     assert scores == pytest.approx(expected), f"per-cell scores {scores}"
+    if which == "control":
+        assert scores == max_scores, f"the control is correct and must earn full marks: {scores}"
     messages = {cell["grade_id"]: cell.get("message", "") for cell in notebook["cells"]}
     for grade_id, fragment in expected_messages.items():
         assert fragment in messages[grade_id], f"{grade_id} should say why: {messages[grade_id]!r}"

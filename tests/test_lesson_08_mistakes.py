@@ -7,17 +7,20 @@ Grading a submission with real nbgrader must cost exactly the cells with a mista
 full marks everywhere else. The issue's list, and where each mistake is planted:
 
 - clipping the batch gradient instead of each example: ``clip_and_sum`` in A;
-- noise not scaled by C: ``dp_sgd_gradient`` in C, ``dp_fedavg_aggregate`` in A;
+- noise not scaled by the clipping norm S: ``dp_sgd_gradient`` in C, ``dp_fedavg_aggregate`` in A;
 - noise per example instead of once per batch: ``dp_sgd_gradient`` in B, ``dp_fedavg_aggregate`` in B;
 - epsilon composed wrongly: ``privacy_spent`` in A (one step converted, epsilon times steps)
   and B (steps ignored), ``compose_sequential`` in A (the largest epsilon) and C (the largest delta);
 - the sampling rate ignored: ``rdp_subsampled_gaussian`` in A.
 
 Also planted: a biased (clipped) estimator, Laplace noise not drawn from the given generator,
-the classical Gaussian bound applied at epsilon >= 1, and an inverse that returns a noise
-multiplier just short of the target.
+the classical Gaussian bound applied at epsilon >= 1, an inverse that returns a noise
+multiplier just short of the target, and (in C) a randomized response with a biased coin next
+to a correct estimator: the estimator's test draws its answers with the course's reference,
+so it keeps its points.
 
-To keep the three gradings cheap, the slow *ungraded* measurement cells (timings, the Opacus
+All three submissions are registered with ``plant()`` and graded in the suite's one class run.
+To keep them cheap, the slow *ungraded* measurement cells (timings, the Opacus
 grid, DP-SGD training, its plot, the DP-FedAvg run) are replaced by ``pass``; no graded cell
 uses what they compute, which the full marks of every correct cell in these gradings confirm
 (every graded cell is correct in at least one submission).
@@ -28,7 +31,7 @@ from __future__ import annotations
 import nbformat
 import pytest
 
-from conftest import answered_release, grade_submission
+from conftest import answered_release, plant
 
 LESSON = "08-differential-privacy"
 NOTEBOOK = "differential-privacy"
@@ -224,6 +227,26 @@ def noise_multiplier_for_epsilon(target_epsilon, epsilon_of_sigma, rtol=1e-3):
                      "for _ in range(max(len(client_states), 1)))"),
     },
     "C": {
+        "randomized_response": '''
+def randomized_response(truth, p_truth, generator):
+    if not 0 < p_truth < 1:
+        raise ValueError("p_truth must lie strictly between 0 and 1")
+    honest = torch.rand(truth.shape, generator=generator) < p_truth
+    heads = torch.rand(truth.shape, generator=generator) < p_truth   # the coin is not fair: it lands on p_truth
+    return torch.where(honest, truth, heads)
+
+
+def estimate_true_proportion(answers, p_truth):
+    if not 0 < p_truth < 1:
+        raise ValueError("p_truth must lie strictly between 0 and 1")
+    return (torch.as_tensor(answers, dtype=torch.float64).mean().item() - (1 - p_truth) / 2) / p_truth
+
+
+def randomized_response_epsilon(p_truth):
+    if not 0 < p_truth < 1:
+        raise ValueError("p_truth must lie strictly between 0 and 1")
+    return math.log((1 + p_truth) / (1 - p_truth))
+''',
         "mechanisms": GIVEN_CHECKS + RIGHT_LAPLACE + RIGHT_GAUSSIAN + '''
 
 def compose_sequential(guarantees):
@@ -244,7 +267,7 @@ LOSES = {
           "test_dp_fedavg_aggregate"},
     "B": {"test_laplace_mechanism", "test_gaussian_mechanism", "test_dp_sgd_gradient", "test_privacy_spent",
           "test_noise_multiplier_for_epsilon", "test_dp_fedavg_aggregate"},
-    "C": {"test_compose_sequential", "test_dp_sgd_gradient"},
+    "C": {"test_randomized_response", "test_compose_sequential", "test_dp_sgd_gradient"},
 }
 
 
@@ -259,14 +282,15 @@ def planted(mistakes: dict[str, str]) -> nbformat.NotebookNode:
     return nb
 
 
+STUDENTS = {name: plant(LESSON, f"mistakes-{name}", lambda mistakes=mistakes: planted(mistakes))
+            for name, mistakes in SUBMISSIONS.items()}
+
+
 @pytest.fixture(scope="module")
-def graded(tmp_path_factory) -> dict[str, dict[str, tuple[float, float]]]:
+def graded(planted_grades) -> dict[str, dict[str, tuple[float, float]]]:
     scores = {}
-    for name, mistakes in SUBMISSIONS.items():
-        folder = tmp_path_factory.mktemp(f"planted-{name}") / LESSON
-        folder.mkdir()
-        nbformat.write(planted(mistakes), folder / f"{NOTEBOOK}.ipynb")
-        notebook = grade_submission(folder / f"{NOTEBOOK}.ipynb", f"planted-{name}", folder.parent / "grades.json")
+    for name, student in STUDENTS.items():
+        notebook = planted_grades.notebook(student)
         assert not notebook["errors"], notebook["errors"]
         scores[name] = {c["grade_id"]: (c["score"], c["max_score"]) for c in notebook["cells"]}
     return scores

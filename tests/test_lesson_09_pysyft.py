@@ -2,7 +2,8 @@
 
 The lesson runs in a kernel made from requirements-pysyft.txt (syft 0.9.5 needs numpy < 2);
 the main environment's nbgrader grades it there. The last test grades two submissions with the
-mistakes the lesson's hidden tests exist for, in that kernel (two shortened notebook runs).
+mistakes the lesson's hidden tests exist for, in that kernel (two shortened notebook runs,
+registered with ``plant()`` and graded in the suite's one class run).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tomllib
 import nbformat
 import pytest
 
-from conftest import REPO, answered_release, copy_course, grade_submission, read_json, run_autograder
+from conftest import REPO, answered_release, copy_course, plant, read_json, run_autograder
 
 LESSON = "09-pysyft-datasites"
 NOTEBOOK = "pysyft-datasites"
@@ -118,7 +119,8 @@ def _run_setup_cell(source: str, env: dict, preload_numpy: bool) -> subprocess.C
     python = REPO / ".venv-pysyft" / "bin" / "python"
     if not python.exists():
         pytest.skip("the PySyft environment is not built here (make setup builds it)")
-    prelude = ("import subprocess\nsubprocess.run = lambda *a, **k: print('PIP', a[0][3:])\n"
+    prelude = ("import subprocess\nsubprocess.run = lambda *a, **k: "
+               "print('PIP', a[0][3:]) or subprocess.CompletedProcess(a[0], 0, '', '')\n"
                + ("import sys, types\nsys.modules['numpy'] = types.SimpleNamespace(__version__='2.0.2')\n"
                   if preload_numpy else ""))
     return subprocess.run([str(python), "-c", prelude + source], capture_output=True, text=True,
@@ -256,17 +258,22 @@ def _submission(mistakes: dict) -> nbformat.NotebookNode:
     return nb
 
 
-@pytest.mark.parametrize("student", sorted(MISTAKES))
-def test_each_planted_mistake_loses_its_own_points(tmp_path, student):
-    """One submission, one mistake per graded cell: each costs its own cell and nothing else."""
-    nb = _submission(MISTAKES[student])
+def _saved_from_colab(mistakes: dict) -> nbformat.NotebookNode:
     # Saved from Colab, where every notebook says "python3": nbgrader must still run it in the
     # PySyft kernel that the source names (mallory's full marks on submit_round prove that syft ran).
+    nb = _submission(mistakes)
     nb.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    folder = tmp_path / student / LESSON
-    folder.mkdir(parents=True)
-    nbformat.write(nb, folder / f"{NOTEBOOK}.ipynb")
-    notebook = grade_submission(folder, student, tmp_path / f"{student}.json", timeout=1200)
+    return nb
+
+
+STUDENTS = {student: plant(LESSON, student, lambda mistakes=mistakes: _saved_from_colab(mistakes))
+            for student, mistakes in MISTAKES.items()}
+
+
+@pytest.mark.parametrize("student", sorted(MISTAKES))
+def test_each_planted_mistake_loses_its_own_points(planted_grades, student):
+    """One submission, one mistake per graded cell: each costs its own cell and nothing else."""
+    notebook = planted_grades.notebook(STUDENTS[student])
     scores = {cell["grade_id"]: (cell["score"], cell["max_score"]) for cell in notebook["cells"]}
     messages = {cell["grade_id"]: cell.get("message", "") for cell in notebook["cells"]}
     expected_scores, expected_messages = EXPECTED[student]

@@ -122,4 +122,19 @@ def test_the_package_carries_the_embedded_digits(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for data in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "README.md"):
         assert f"fedcourse/data/mnist-sample/{data}" in names
-    assert "autograder/templates/grade-on-push.yml" in names
+    # the grader's workflow template, and the measured profiles its time limits come from
+    assert {"autograder/templates/grade-class.yml", "autograder/profiles.json", "autograder/guard.py"} <= names
+
+
+def test_the_example_submissions_are_answered_copies_of_the_current_release():
+    """Otherwise `make grade` reports edited locked cells for them (a stale setup cell, say)."""
+    import nbformat
+
+    release = nbformat.read(REPO / "lessons" / "00-orientation" / "orientation.ipynb", as_version=4)
+    for student in ("alice", "bob"):
+        submitted = nbformat.read(REPO / "examples" / "submissions" / student / "00-orientation" / "orientation.ipynb",
+                                  as_version=4)
+        assert len(submitted.cells) == len(release.cells), student
+        for theirs, ours in zip(submitted.cells, release.cells):
+            if not ours.metadata.get("nbgrader", {}).get("solution"):
+                assert theirs.source == ours.source, (student, ours.metadata.get("nbgrader", {}).get("grade_id"))

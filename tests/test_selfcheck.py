@@ -49,7 +49,7 @@ def test_selfcheck_catches_a_broken_course(tmp_path):
     _cell(release, "weighted_average").source = CORRECT_BODY
     nbformat.write(release, release_path)
 
-    result = run_autograder("selfcheck", root=root)
+    result = run_autograder("selfcheck", "--lesson", LESSON00, root=root)
     report = result.stdout
     assert result.returncode == 1, report
     assert "SELFCHECK FAILED" in report
@@ -97,6 +97,14 @@ def test_the_release_strips_solutions_and_hidden_tests(repo):
 def test_bench_rejects_an_unknown_lesson():
     result = run_autograder("bench", "--lesson", "00-orientaton")
     assert result.returncode == 2 and "no such built lesson: 00-orientaton" in result.stderr
+
+
+def test_bench_grading_prints_notebooks_per_minute():
+    result = run_autograder("bench", "--grading", "--students", "2", "--jobs", "2")
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert "--jobs 1:" in result.stdout and "--jobs 2:" in result.stdout and "notebooks per minute" in result.stdout
+    assert "(scores 5)" in result.stdout  # both students of the synthetic class earn full marks
+    assert "speed-up with --jobs 2" in result.stdout
 
 
 def test_bench_reports_time_and_memory_within_budget():
