@@ -118,14 +118,6 @@ def answered_release(lesson: str, mistakes: dict | None = None) -> nbformat.Note
     return release
 
 
-def grade_submission(path: Path, student: str, out: Path, timeout: float | None = None) -> dict:
-    """Grade `path` (a notebook, or a folder laid out like lessons/) with the real CLI; the JSON
-    entry of its (first) notebook."""
-    result = run_autograder("grade", str(path), "--student", student, "--json", str(out), timeout=timeout)
-    assert result.returncode == 0 and Path(out).exists(), result.stdout[-3000:] + result.stderr[-3000:]
-    return read_json(out)["notebooks"][0]
-
-
 # --- one class run for every planted submission of the suite -------------------------------------
 #
 # Grading notebooks is the expensive part of the suite. Every test module that grades planted
