@@ -54,8 +54,8 @@ def test_selfcheck_catches_a_broken_course(tmp_path):
     assert result.returncode == 1, report
     assert "SELFCHECK FAILED" in report
     assert re.search(r"solutions/00-orientation/orientation.ipynb: scores 2/5; lost points in "
-                     r"test_weighted_average_tensors .*test_weighted_average_dicts", report), report
-    assert re.search(r"solutions/00-orientation/orientation.ipynb: cell \d+ \(code-\d+\): AssertionError: "
+                     r"test_weighted_average_tensors .*test_weighted_average_dicts", report, re.S), report
+    assert re.search(r"solutions/00-orientation/orientation.ipynb: cell \d+ \([\w-]+\): AssertionError: "
                      r"the size-weighted average recovers the global mean exactly", report), report
     assert "lessons/00-orientation/orientation.ipynb: the released stub already earns points in" in report
     assert "lessons/00-orientation/orientation.ipynb differs from what solutions/ generates" in report
