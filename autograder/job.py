@@ -31,7 +31,8 @@ def _execution_settings(ticket: dict, spec: LessonSpec) -> dict:
     limits = ticket["limits"]
     job = {"spec": spec.to_json(), "cell_limits": limits["cells"], "default_cell_limit": limits["unknown"],
            "after_timeout_limit": AFTER_TIMEOUT_SECONDS, "notebook_limit": limits["notebook"],
-           "allowed_changes": ticket.get("profile", {}).get("allowed_changes", []),
+           # calibration reports every change, not only those beyond the profile it replaces
+           "allowed_changes": [] if ticket.get("calibrate") else ticket.get("profile", {}).get("allowed_changes", []),
            "calibrate": ticket.get("calibrate", False), "matplotlib_cache": ticket.get("matplotlib_cache")}
     if ticket.get("sandbox"):
         job["sandbox"] = {"course_package": ticket["course_package"], "matplotlib_cache": ticket.get("matplotlib_cache"),

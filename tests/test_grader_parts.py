@@ -180,3 +180,13 @@ def test_intake_cleans_malformed_metadata_and_refuses_what_is_not_a_notebook():
     assert [c.source for c in cleaned.cells] == ["hi", "x = 1"] and "nbgrader" not in cleaned.cells[0].metadata
     assert clean_notebook(b"\xff\xfe", "x.ipynb")[2].endswith("not UTF-8 text")
     assert "bad JSON" in clean_notebook(b"{", "x.ipynb")[2]
+
+
+def test_calibration_reports_every_change_not_only_those_beyond_the_old_profile():
+    from autograder.job import _execution_settings
+
+    spec = read_spec(LESSON00, REPO / "solutions" / LESSON00 / "orientation.ipynb")
+    ticket = {"limits": {"cells": {}, "unknown": 30.0, "notebook": 60.0},
+              "profile": {"allowed_changes": ["torch.manual_seed"]}}
+    assert _execution_settings(ticket, spec)["allowed_changes"] == ["torch.manual_seed"]
+    assert _execution_settings({**ticket, "calibrate": True}, spec)["allowed_changes"] == []
