@@ -37,10 +37,22 @@ def profile_for(profiles: dict, lesson: str, notebook: str) -> dict:
     return profiles.get(lesson, {}).get(notebook, {})
 
 
-def machine_slowdown(jobs: int) -> float:
-    """How much slower a cell may run than when it was measured: more jobs than cores share them."""
-    cores = os.cpu_count() or 1
-    return max(1.0, jobs / cores)
+MAX_SLOWDOWN = 8.0  # however busy the machine looks, a hang still costs bounded time
+
+
+def machine_slowdown(jobs: int, load: float | None = None, cores: int | None = None) -> float:
+    """How much slower a cell may run than when it was measured (alone, on an idle machine).
+
+    The class's own jobs and whatever else keeps the machine busy (the load average when the
+    class starts) share the cores: with twice as many runnable processes as cores, each runs
+    about half as fast."""
+    cores = cores or os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # not available on this system
+            load = 0.0
+    return min(MAX_SLOWDOWN, max(1.0, jobs / cores, (load + jobs) / cores))
 
 
 def cell_limits(profile: dict, slowdown: float, fixed: float | None = None) -> tuple[dict[str, float], float, float]:

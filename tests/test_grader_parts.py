@@ -190,3 +190,14 @@ def test_calibration_reports_every_change_not_only_those_beyond_the_old_profile(
               "profile": {"allowed_changes": ["torch.manual_seed"]}}
     assert _execution_settings(ticket, spec)["allowed_changes"] == ["torch.manual_seed"]
     assert _execution_settings({**ticket, "calibrate": True}, spec)["allowed_changes"] == []
+
+
+def test_time_limits_grow_with_the_machines_load_and_stay_bounded():
+    from autograder.profiles import MAX_SLOWDOWN, cell_limits, machine_slowdown
+
+    assert machine_slowdown(jobs=1, load=0.0, cores=2) == 1.0
+    assert machine_slowdown(jobs=2, load=0.2, cores=2) == pytest.approx(1.1)
+    assert machine_slowdown(jobs=2, load=4.0, cores=2) == pytest.approx(3.0)  # busy with other work
+    assert machine_slowdown(jobs=2, load=100.0, cores=2) == MAX_SLOWDOWN
+    limits, unknown, _ = cell_limits({"cell_seconds": {"train": 9.0, "quick": 0.1}}, slowdown=3.0)
+    assert limits == {"train": 162.0, "quick": 90.0} and unknown == 360.0
