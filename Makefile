@@ -50,10 +50,12 @@ $(PYSYFT_KERNEL_SPEC): $(PYSYFT_STAMP) $(STAMP)
 		--name $(PYSYFT_KERNEL) --display-name "$(PYSYFT_KERNEL_DISPLAY)"
 	@touch $@
 
-$(TFF_STAMP): requirements-tff.txt pyproject.toml
+# torch comes from requirements.txt, with its dependencies: the same build as the main environment's.
+$(TFF_STAMP): requirements-tff.txt requirements.txt pyproject.toml
 	@$(TFF_PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Lesson 11 (TensorFlow Federated 0.87) needs Python 3.11; run: make TFF_PYTHON=python3.11 ...")'
 	@test -x $(TFF_VENV)/bin/python || $(TFF_PYTHON) -m venv $(TFF_VENV)
 	$(TFF_VENV)/bin/python -m pip install --quiet --no-deps -r requirements-tff.txt
+	$(TFF_VENV)/bin/python -m pip install --quiet $$(grep '^torch==' requirements.txt)
 	$(TFF_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	@touch $@
 
