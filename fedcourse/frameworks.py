@@ -411,7 +411,7 @@ def _in_process_backend() -> bool:
     """Register Flower's simulation backend ``"in-process"`` (True), or say it cannot be (False).
 
     Flower's simulation engine hands each message for a virtual client to a backend; Ray's runs
-    the ``ClientApp`` in a pool of worker processes, which takes 15-20 s to start on two cores
+    the ``ClientApp`` in worker processes, which take 10-20 s to start on two cores
     (Ray itself, then processes that import torch). Clients that train for a millisecond need
     none of that: this backend runs the ``ClientApp`` in this process, one message at a time,
     through the same engine, messages and apps. Flower 1.12 lets a backend be added
