@@ -1,6 +1,7 @@
 # The README's commands. Each one creates the course environment (.venv) first if it is
-# missing or its requirements changed, and lesson 09's PySyft environment (.venv-pysyft) with
-# its Jupyter kernel registered in .venv; when nothing changed those steps are skipped.
+# missing or its requirements changed, and the environments of lesson 09 (PySyft, .venv-pysyft)
+# and lesson 11 (TensorFlow Federated and Flower, .venv-tff) with their Jupyter kernels
+# registered in .venv; when nothing changed those steps are skipped.
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -16,7 +17,16 @@ PYSYFT_KERNEL := fedcourse-pysyft
 PYSYFT_KERNEL_DISPLAY := Python 3 (PySyft 0.9.5, lesson 09)
 PYSYFT_STAMP  := $(PYSYFT_VENV)/.installed
 PYSYFT_KERNEL_SPEC := $(VENV)/share/jupyter/kernels/$(PYSYFT_KERNEL)/kernel.json
-ENVS        := $(STAMP) $(PYSYFT_KERNEL_SPEC) sandbox
+# Lesson 11 (TensorFlow Federated and Flower) runs in its own environment too. TFF 0.87.0, its last
+# release, needs Python 3.11 ($(TFF_PYTHON)) and pins a jaxlib the package index no longer has:
+# requirements-tff.txt is a complete lock file, installed without resolving dependencies.
+TFF_PYTHON    ?= $(PYTHON)
+TFF_VENV      ?= .venv-tff
+TFF_KERNEL    := fedcourse-tff
+TFF_KERNEL_DISPLAY := Python 3.11 (TFF 0.87 and Flower, lesson 11)
+TFF_STAMP     := $(TFF_VENV)/.installed
+TFF_KERNEL_SPEC := $(VENV)/share/jupyter/kernels/$(TFF_KERNEL)/kernel.json
+ENVS        := $(STAMP) $(PYSYFT_KERNEL_SPEC) $(TFF_KERNEL_SPEC) sandbox
 
 .PHONY: setup sandbox test grade lab selfcheck bench generate clean
 
@@ -38,6 +48,20 @@ $(PYSYFT_STAMP): requirements-pysyft.txt pyproject.toml
 $(PYSYFT_KERNEL_SPEC): $(PYSYFT_STAMP) $(STAMP)
 	$(PYSYFT_VENV)/bin/python -m ipykernel install --prefix "$(abspath $(VENV))" \
 		--name $(PYSYFT_KERNEL) --display-name "$(PYSYFT_KERNEL_DISPLAY)"
+	@touch $@
+
+# torch comes from requirements.txt, with its dependencies: the same build as the main environment's.
+$(TFF_STAMP): requirements-tff.txt requirements.txt pyproject.toml
+	@$(TFF_PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Lesson 11 (TensorFlow Federated 0.87) needs Python 3.11; run: make TFF_PYTHON=python3.11 ...")'
+	@test -x $(TFF_VENV)/bin/python || $(TFF_PYTHON) -m venv $(TFF_VENV)
+	$(TFF_VENV)/bin/python -m pip install --quiet --no-deps -r requirements-tff.txt
+	$(TFF_VENV)/bin/python -m pip install --quiet $$(grep '^torch==' requirements.txt)
+	$(TFF_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	@touch $@
+
+$(TFF_KERNEL_SPEC): $(TFF_STAMP) $(STAMP)
+	$(TFF_VENV)/bin/python -m ipykernel install --prefix "$(abspath $(VENV))" \
+		--name $(TFF_KERNEL) --display-name "$(TFF_KERNEL_DISPLAY)"
 	@touch $@
 
 # The grader runs student code in a bubblewrap sandbox. Installed here when this is a Debian or
@@ -78,4 +102,4 @@ generate: $(ENVS)
 	$(BIN)/python -m autograder generate
 
 clean:
-	rm -rf $(VENV) $(PYSYFT_VENV) .pytest_cache
+	rm -rf $(VENV) $(PYSYFT_VENV) $(TFF_VENV) .pytest_cache

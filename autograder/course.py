@@ -42,6 +42,9 @@ class Lesson:
     kernel_display_name: str | None = None
     requirements: str | None = None  # pip requirements file of its environment, from the root
     colab_skip: tuple[str, ...] = ()  # packages of `requirements` that Colab keeps its own of
+    # What Colab installs instead of `requirements`, when those cannot install there at all
+    # (lesson 11: TensorFlow Federated needs Python 3.11, Colab runs 3.12). None: `requirements`.
+    colab_requirements: tuple[str, ...] | None = None
     # What the lesson before it says about this lesson under "What comes next" (course.toml).
     teaser: str = ""
 
@@ -134,6 +137,8 @@ class Course:
                                   kernel=entry.get("kernel"), kernel_display_name=entry.get("kernel_display_name"),
                                   requirements=entry.get("requirements"),
                                   colab_skip=tuple(entry.get("colab_skip", ())),
+                                  colab_requirements=(tuple(entry["colab_requirements"])
+                                                      if "colab_requirements" in entry else None),
                                   teaser=" ".join(entry.get("teaser", "").split())))
             known.add(entry["id"])
         strays = sorted(p.name for p in self.solutions_dir.iterdir() if p.is_dir() and p.name not in known) \

@@ -126,6 +126,56 @@ except ModuleNotFoundError:
 print(f"fedcourse {{fedcourse.__version__}}, syft {{installed('syft')}} and numpy {{installed('numpy')}} are ready")'''
 
 
+# Lesson 11 (TensorFlow Federated and Flower). TFF 0.87, its last release, installs on Python 3.11
+# (Linux x86-64) only, so Colab (Python 3.12) gets `colab_requirements` (Flower) and no TFF: the
+# notebook skips its TFF sections there (HAVE_TFF) and runs the rest.
+TFF_SETUP_TEMPLATE = '''\
+# Setup: run this cell first. It works locally and in Google Colab.
+# This lesson has its own environment ({requirements}): TensorFlow Federated {tff_version}, its last
+# release, needs Python 3.11 and an older numpy than the rest of the course; Flower and the
+# course's torch are installed beside it. Locally, `make lab` has created it as the Jupyter kernel
+# "{display_name}": choose it under Kernel -> Change kernel.
+# In Colab (Python 3.12) TensorFlow Federated does not install: this cell installs Flower, and
+# the TFF sections print that they are skipped; the Flower sections run.
+import os, subprocess, sys
+from importlib import metadata
+
+COLAB_REQUIREMENTS = [
+{requirement_list}
+]
+IN_COLAB = "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
+{pip_install}
+
+def installed(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+if IN_COLAB and installed("flwr") is None:
+    pip_install(*COLAB_REQUIREMENTS, COURSE_PACKAGE)
+HAVE_TFF = installed("tensorflow-federated") == "{tff_version}"
+if not IN_COLAB and not HAVE_TFF:
+    raise ModuleNotFoundError(
+        "This lesson runs in its own kernel, '{display_name}', with tensorflow-federated=={tff_version}; "
+        f"this kernel has tensorflow-federated {{installed('tensorflow-federated')}}. Choose that kernel under "
+        "Kernel -> Change kernel; `make lab` from the course repository creates it ({requirements}).")
+
+try:
+    import fedcourse
+except ModuleNotFoundError:
+    raise ModuleNotFoundError(
+        "The course package fedcourse is not installed in this kernel. Start Jupyter with "
+        f"`make lab` from the course repository, or run: pip install \\"{{COURSE_PACKAGE}}\\"") from None
+if HAVE_TFF:
+    print(f"fedcourse {{fedcourse.__version__}}, TensorFlow Federated {{installed('tensorflow-federated')}} and "
+          f"Flower {{installed('flwr')}} are ready")
+else:
+    print(f"fedcourse {{fedcourse.__version__}} and Flower {{installed('flwr')}} are ready. TensorFlow Federated "
+          "does not install on this Python (it needs 3.11): the TFF sections will be skipped.")'''
+
+
 def badge_markdown(course: Course, lesson: Lesson, notebook: str) -> str:
     return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
             f"({course.colab_url(lesson.id, notebook)})")
@@ -141,8 +191,14 @@ def setup_source(course: Course, lesson: Lesson | None = None) -> str:
         return SETUP_TEMPLATE.format(pip_install=pip_install_snippet(course))
     lines = requirement_lines(course, lesson)
     skip = {requirement_name(name) for name in lesson.colab_skip}
-    for_colab = [line for line in lines if requirement_name(line) not in skip]
+    for_colab = [line for line in (lines if lesson.colab_requirements is None else lesson.colab_requirements)
+                 if requirement_name(line) not in skip]
     pins = {requirement_name(line): line.split("==", 1)[1].split(";")[0].strip() for line in lines if "==" in line}
+    if "tensorflow-federated" in pins:
+        return TFF_SETUP_TEMPLATE.format(
+            pip_install=pip_install_snippet(course), display_name=lesson.kernel_display_name,
+            requirements=lesson.requirements, tff_version=pins["tensorflow-federated"],
+            requirement_list="\n".join(f"    {line!r}," for line in for_colab))
     if "syft" not in pins:
         raise SystemExit(f"{lesson.requirements} must pin syft exactly (syft==...): the setup cell checks it")
     return OWN_ENVIRONMENT_SETUP_TEMPLATE.format(

@@ -80,10 +80,15 @@ def test_makefile_skips_both_environments_when_nothing_changed(tmp_path):
     spec = main_env / "share" / "jupyter" / "kernels" / _lesson_config()["kernel"] / "kernel.json"
     spec.parent.mkdir(parents=True)
     (pysyft_env).mkdir()
-    for stamp in (main_env / ".installed", pysyft_env / ".installed", spec):
+    # lesson 11's environment (TensorFlow Federated), made too
+    tff_env, tff_spec = tmp_path / "tff-env", main_env / "share" / "jupyter" / "kernels" / "fedcourse-tff" / "kernel.json"
+    tff_spec.parent.mkdir(parents=True)
+    tff_env.mkdir()
+    for stamp in (main_env / ".installed", pysyft_env / ".installed", spec, tff_env / ".installed", tff_spec):
         stamp.write_text("")
     os.utime(spec)  # newest: made after both environments
-    dry = subprocess.run(["make", "-n", "setup", f"VENV={main_env}", f"PYSYFT_VENV={pysyft_env}"],
+    os.utime(tff_spec)
+    dry = subprocess.run(["make", "-n", "setup", f"VENV={main_env}", f"PYSYFT_VENV={pysyft_env}", f"TFF_VENV={tff_env}"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
     assert "pip install" not in dry.stdout and "ipykernel install" not in dry.stdout, dry.stdout
