@@ -145,6 +145,11 @@ class GuardedExecute(Execute):
             limit = self._limit_for(cell, timed_out)
             entry["limit"] = limit
             self.timeout = max(1, int(round(limit)))
+            # what an interrupted cell shows (nbgrader's default says nothing in its message)
+            why = (f"the cell ran past its time limit of {self.timeout} s and was interrupted "
+                   + ("(an earlier cell had already run out of time, so later cells get a short limit)" if timed_out
+                      else "(an endless loop, or work far slower than the lesson's own solution?)"))
+            self.error_on_timeout = {"ename": "CellTimeoutError", "evalue": why, "traceback": [f"CellTimeoutError: {why}"]}
             original = cell.source
             if grade_id in tests:
                 cell.source = tests[grade_id]

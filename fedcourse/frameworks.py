@@ -329,6 +329,8 @@ def quiet_flower() -> None:
     # idle workers only add processes and threads (the grader counts them).
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     os.environ.setdefault("RAY_enable_worker_prestart", "0")
+    # Ray waits 20 s for its control server to answer; a busy two-core machine can need longer.
+    os.environ.setdefault("RAY_NUM_REDIS_GET_RETRIES", "60")
 
 
 def _numpy_client_base():
@@ -450,6 +452,38 @@ def _in_process_backend() -> bool:
     return True
 
 
+RAY_START_ATTEMPTS = 3
+
+
+def start_ray(init_args: dict, attempts: int = RAY_START_ATTEMPTS) -> None:
+    """Start Ray in this process as Flower's Ray backend would, trying again when it fails.
+
+    On a busy machine Ray's control server (GCS) can fail to come up in time. Flower 1.12 then
+    fails while cleaning up and its simulation never returns: the cell would hang. Started here,
+    a failure is retried, and the last one is an error that says what happened."""
+    import sys
+
+    import ray
+
+    last = None
+    for _ in range(attempts):
+        if ray.is_initialized():
+            return
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": ":".join(sys.path)}}, **init_args)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises RuntimeError, ConnectionError, ...
+            last = exc
+            try:
+                ray.shutdown()
+            except Exception:  # noqa: BLE001 - nothing left to shut down
+                pass
+    first_line = (str(last).strip().splitlines() or [type(last).__name__])[0]
+    raise RuntimeError(f"Ray, the engine of Flower's simulation here, did not start in {attempts} tries "
+                       f"(last: {first_line}). This happens on a very busy machine: run the cell again "
+                       "when it is quieter.") from last
+
+
 @toolbox
 def run_flower(server, client, num_clients: int, backend: str = IN_PROCESS) -> float:
     """Flower's simulation engine running ``server`` and ``client`` with ``num_clients`` virtual
@@ -467,6 +501,8 @@ def run_flower(server, client, num_clients: int, backend: str = IN_PROCESS) -> f
     if backend == IN_PROCESS and not _in_process_backend():
         backend = RAY
     config = {key: dict(value) for key, value in RAY_BACKEND.items()} if backend == RAY else {}
+    if backend == RAY:
+        start_ray(config["init_args"])  # Flower then uses this Ray instead of starting its own
     logging.getLogger("flwr").setLevel(logging.WARNING)
     start = time.perf_counter()
     try:  # Flower 1.12's run_simulation waits 5 s for the server before starting the clients

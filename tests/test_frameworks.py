@@ -169,6 +169,33 @@ def test_flower_and_the_course_agree_on_weighted_fedavg():
     assert largest_gap(states, frameworks.course_states(setting, initial)) < 1e-6
 
 
+def test_ray_that_fails_to_start_is_tried_again_then_named_in_a_clear_error(monkeypatch):
+    ray = pytest.importorskip("ray")
+    calls = []
+
+    def failing_init(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("Failed to start GCS.  Last 0 lines of error files:")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "init", failing_init)
+    with pytest.raises(RuntimeError, match="did not start in 3 tries .*Failed to start GCS.*run the cell again"):
+        frameworks.start_ray({"include_dashboard": False})
+    assert len(calls) == 3 and calls[0]["include_dashboard"] is False
+
+    calls.clear()
+
+    def init_on_second_try(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise RuntimeError("Failed to start GCS.")
+
+    monkeypatch.setattr(ray, "init", init_on_second_try)
+    frameworks.start_ray({})
+    assert len(calls) == 2
+
+
 @pytest.mark.skipif(not TFF_PYTHON.exists(), reason="lesson 11's environment (.venv-tff) is not made: `make setup`")
 def test_the_adapters_in_lesson_11s_environment():
     """This file again, in .venv-tff, where the framework tests above run instead of skipping."""
