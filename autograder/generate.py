@@ -58,6 +58,23 @@ def pip_install(*requirements):
             "could not reach the network at all, this runtime has no internet.")
 '''
 
+# Pieces of code the setup cells share (format templates, like the cells).
+_IMPORT_FEDCOURSE = '''try:
+    import fedcourse
+except ModuleNotFoundError:
+    raise ModuleNotFoundError(
+        "The course package fedcourse is not installed in this kernel. Start Jupyter with "
+        f"`make lab` from the course repository, or run: pip install \\"{{COURSE_PACKAGE}}\\"") from None
+'''
+_INSTALLED = '''
+def installed(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+'''
+
+
 SETUP_TEMPLATE = '''\
 # Setup: run this cell first. It works locally and in Google Colab.
 # In Colab it installs the course package (fedcourse) from the course repository;
@@ -69,13 +86,7 @@ import os, subprocess, sys
 if "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ:
     pip_install(COURSE_PACKAGE)
 
-try:
-    import fedcourse
-except ModuleNotFoundError:
-    raise ModuleNotFoundError(
-        "The course package fedcourse is not installed in this kernel. Start Jupyter with "
-        f"`make lab` from the course repository, or run: pip install \\"{{COURSE_PACKAGE}}\\"") from None
-print(f"fedcourse {{fedcourse.__version__}} is ready")'''
+''' + _IMPORT_FEDCOURSE + '''print(f"fedcourse {{fedcourse.__version__}} is ready")'''
 
 
 # A lesson with its own environment (course.toml: kernel, requirements). Colab has one
@@ -95,13 +106,7 @@ LESSON_REQUIREMENTS = [
 ]
 IN_COLAB = "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
 {pip_install}
-
-def installed(name):
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
+''' + _INSTALLED + '''
 
 RESTART = ("Now restart the runtime ONCE (Colab: Runtime -> Restart session), then run the "
            "notebook again from the top: packages that Python had already loaded were replaced.")
@@ -117,13 +122,7 @@ if installed("syft") != "{syft_version}":
         f"this kernel has syft {{installed('syft')}}. Choose that kernel under Kernel -> Change kernel; "
         "`make lab` from the course repository creates it ({requirements}).")
 
-try:
-    import fedcourse
-except ModuleNotFoundError:
-    raise ModuleNotFoundError(
-        "The course package fedcourse is not installed in this kernel. Start Jupyter with "
-        f"`make lab` from the course repository, or run: pip install \\"{{COURSE_PACKAGE}}\\"") from None
-print(f"fedcourse {{fedcourse.__version__}}, syft {{installed('syft')}} and numpy {{installed('numpy')}} are ready")'''
+''' + _IMPORT_FEDCOURSE + '''print(f"fedcourse {{fedcourse.__version__}}, syft {{installed('syft')}} and numpy {{installed('numpy')}} are ready")'''
 
 
 # Lesson 11 (TensorFlow Federated and Flower). TFF 0.87, its last release, installs on Python 3.11
@@ -145,13 +144,7 @@ COLAB_REQUIREMENTS = [
 ]
 IN_COLAB = "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
 {pip_install}
-
-def installed(name):
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
+''' + _INSTALLED + '''
 
 if IN_COLAB and installed("flwr") is None:
     pip_install(*COLAB_REQUIREMENTS, COURSE_PACKAGE)
@@ -162,13 +155,7 @@ if not IN_COLAB and not HAVE_TFF:
         f"this kernel has tensorflow-federated {{installed('tensorflow-federated')}}. Choose that kernel under "
         "Kernel -> Change kernel; `make lab` from the course repository creates it ({requirements}).")
 
-try:
-    import fedcourse
-except ModuleNotFoundError:
-    raise ModuleNotFoundError(
-        "The course package fedcourse is not installed in this kernel. Start Jupyter with "
-        f"`make lab` from the course repository, or run: pip install \\"{{COURSE_PACKAGE}}\\"") from None
-if HAVE_TFF:
+''' + _IMPORT_FEDCOURSE + '''if HAVE_TFF:
     print(f"fedcourse {{fedcourse.__version__}}, TensorFlow Federated {{installed('tensorflow-federated')}} and "
           f"Flower {{installed('flwr')}} are ready")
 else:

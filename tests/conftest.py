@@ -118,6 +118,37 @@ def answered_release(lesson: str, mistakes: dict | None = None) -> nbformat.Note
     return release
 
 
+def answered_up_to(lesson: str, last_test: str, mistakes: dict) -> nbformat.NotebookNode:
+    """`answered_release(lesson, ...)` with `mistakes` given as grade_id -> (what the mistake is,
+    change), and every code cell after the test `last_test` emptied: the experiments there take
+    time and earn no points."""
+    nb = answered_release(lesson, {grade_id: change.strip("\n") if isinstance(change, str) else change
+                                   for grade_id, (_, change) in mistakes.items()})
+    last = max(i for i, c in enumerate(nb.cells) if c.metadata.get("nbgrader", {}).get("grade_id") == last_test)
+    for i, cell in enumerate(nb.cells):
+        if i > last and cell.cell_type == "code":
+            assert not cell.metadata.get("nbgrader"), f"cell {i} after the graded part is an nbgrader cell; update this test"
+            cell.source = ""
+    return nb
+
+
+def assert_full_marks(planted_grades, student: str, tests) -> None:
+    """The planted `student` (a control) earns every point of exactly `tests`, with no error."""
+    notebook = planted_grades.notebook(student)
+    assert not notebook["errors"], notebook["errors"]
+    cells = planted_grades.cells(student)
+    assert set(cells) == set(tests)
+    assert all(cell["score"] == cell["max_score"] > 0 for cell in cells.values()), cells
+
+
+def assert_cell_lost(planted_grades, student: str, test: str, mistake: str) -> None:
+    """The planted `student`, whose answer `mistake`, earns nothing in `test`, with no error."""
+    notebook = planted_grades.notebook(student)
+    assert not notebook["errors"], notebook["errors"]
+    cell = planted_grades.cells(student)[test]
+    assert cell["max_score"] > 0 and cell["score"] == 0, f"{test}: an answer that {mistake} scored {cell['score']} of {cell['max_score']}"
+
+
 # --- one class run for every planted submission of the suite -------------------------------------
 #
 # Grading notebooks is the expensive part of the suite. Every test module that grades planted

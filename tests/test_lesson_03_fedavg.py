@@ -19,7 +19,7 @@ import textwrap
 import nbformat
 import pytest
 
-from conftest import REPO, answered_release, plant
+from conftest import REPO, answered_up_to, plant
 
 LESSON = "03-fedavg"
 NOTEBOOK = "fedavg.ipynb"
@@ -127,15 +127,7 @@ TEST_OF = {"client_update": "test_client_update", "fedavg": "test_fedavg", "samp
 
 
 def submission(mistakes: dict) -> nbformat.NotebookNode:
-    """The released notebook answered with the reference solutions, with `mistakes` planted and
-    the experiments after the last graded cell emptied."""
-    nb = answered_release(LESSON, {grade_id: change for grade_id, (_, change) in mistakes.items()})
-    last_test = max(i for i, c in enumerate(nb.cells) if c.metadata.get("nbgrader", {}).get("grade_id") == TESTS[-1])
-    for i, cell in enumerate(nb.cells):
-        if i > last_test and cell.cell_type == "code":
-            assert not cell.metadata.get("nbgrader"), f"cell {i} after the graded part is an nbgrader cell; update this test"
-            cell.source = ""
-    return nb
+    return answered_up_to(LESSON, TESTS[-1], mistakes)
 
 
 STUDENTS = {name: plant(LESSON, name, lambda mistakes=mistakes: submission(mistakes))

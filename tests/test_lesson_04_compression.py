@@ -29,7 +29,7 @@ import functools
 import nbformat
 import pytest
 
-from conftest import answered_release, plant
+from conftest import assert_cell_lost, assert_full_marks, answered_up_to, plant
 
 LESSON = "04-compression"
 TEST_OF = {
@@ -142,16 +142,7 @@ def decode_subsampled(payload, seed):
 
 
 def submission(mistakes: dict) -> nbformat.NotebookNode:
-    """The released notebook answered with the reference solutions, with `mistakes` planted and
-    the experiments after the last graded cell emptied."""
-    nb = answered_release(LESSON, {grade_id: change.strip("\n") if isinstance(change, str) else change
-                                   for grade_id, (_, change) in mistakes.items()})
-    last_test = max(i for i, c in enumerate(nb.cells) if c.metadata.get("nbgrader", {}).get("grade_id") == LAST_TEST)
-    for i, cell in enumerate(nb.cells):
-        if i > last_test and cell.cell_type == "code":
-            assert not cell.metadata.get("nbgrader"), f"cell {i} after the graded part is an nbgrader cell; update this test"
-            cell.source = ""
-    return nb
+    return answered_up_to(LESSON, LAST_TEST, mistakes)
 
 
 STUDENTS = {name: plant(LESSON, name, functools.partial(submission, mistakes)) for name, mistakes in SUBMISSIONS.items()}
@@ -163,18 +154,9 @@ def test_every_graded_cell_has_a_planted_mistake_in_each_mistaken_submission():
 
 
 def test_the_emptied_notebook_with_the_reference_answers_earns_full_marks(planted_grades):
-    notebook = planted_grades.notebook(STUDENTS["control"])
-    assert not notebook["errors"], notebook["errors"]
-    cells = planted_grades.cells(STUDENTS["control"])
-    assert set(cells) == set(TEST_OF.values())
-    assert all(cell["score"] == cell["max_score"] > 0 for cell in cells.values()), cells
+    assert_full_marks(planted_grades, STUDENTS["control"], TEST_OF.values())
 
 
 @pytest.mark.parametrize("student, grade_id", [(s, g) for s in SUBMISSIONS if s != "control" for g in SUBMISSIONS[s]])
 def test_each_planted_mistake_loses_its_cell(planted_grades, student, grade_id):
-    mistake = SUBMISSIONS[student][grade_id][0]
-    notebook = planted_grades.notebook(STUDENTS[student])
-    assert not notebook["errors"], notebook["errors"]
-    cell = planted_grades.cells(STUDENTS[student])[TEST_OF[grade_id]]
-    assert cell["max_score"] > 0 and cell["score"] == 0, \
-        f"{grade_id} that {mistake} scored {cell['score']} of {cell['max_score']}"
+    assert_cell_lost(planted_grades, STUDENTS[student], TEST_OF[grade_id], SUBMISSIONS[student][grade_id][0])

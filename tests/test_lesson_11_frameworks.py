@@ -33,7 +33,7 @@ import tomllib
 import nbformat
 import pytest
 
-from conftest import REPO, answered_release, plant
+from conftest import assert_cell_lost, assert_full_marks, REPO, answered_up_to, plant
 
 LESSON = "11-frameworks"
 NOTEBOOK = "frameworks"
@@ -216,16 +216,7 @@ def test_the_setup_cell_in_the_wrong_kernel_names_the_right_one():
 # --- the planted mistakes ---------------------------------------------------------------------
 
 def submission(mistakes: dict) -> nbformat.NotebookNode:
-    """The released notebook answered with the reference solutions, with `mistakes` planted and
-    the experiments after the last graded cell emptied."""
-    nb = answered_release(LESSON, {grade_id: change.strip("\n") if isinstance(change, str) else change
-                                   for grade_id, (_, change) in mistakes.items()})
-    last_test = max(i for i, c in enumerate(nb.cells) if c.metadata.get("nbgrader", {}).get("grade_id") == LAST_TEST)
-    for i, cell in enumerate(nb.cells):
-        if i > last_test and cell.cell_type == "code":
-            assert not cell.metadata.get("nbgrader"), f"cell {i} after the graded part is an nbgrader cell; update this test"
-            cell.source = ""
-    return nb
+    return answered_up_to(LESSON, LAST_TEST, mistakes)
 
 
 STUDENTS = {name: plant(LESSON, name, functools.partial(submission, mistakes)) for name, mistakes in SUBMISSIONS.items()}
@@ -237,21 +228,12 @@ def test_every_graded_cell_has_a_planted_mistake_in_each_mistaken_submission():
 
 
 def test_the_emptied_notebook_with_the_reference_answers_earns_full_marks(planted_grades):
-    notebook = planted_grades.notebook(STUDENTS["control"])
-    assert not notebook["errors"], notebook["errors"]
-    cells = planted_grades.cells(STUDENTS["control"])
-    assert set(cells) == set(TEST_OF.values())
-    assert all(cell["score"] == cell["max_score"] > 0 for cell in cells.values()), cells
+    assert_full_marks(planted_grades, STUDENTS["control"], TEST_OF.values())
 
 
 @pytest.mark.parametrize("student, grade_id", [(s, g) for s in SUBMISSIONS if s != "control" for g in SUBMISSIONS[s]])
 def test_each_planted_mistake_loses_its_cell(planted_grades, student, grade_id):
-    mistake = SUBMISSIONS[student][grade_id][0]
-    notebook = planted_grades.notebook(STUDENTS[student])
-    assert not notebook["errors"], notebook["errors"]
-    cell = planted_grades.cells(STUDENTS[student])[TEST_OF[grade_id]]
-    assert cell["max_score"] > 0 and cell["score"] == 0, \
-        f"{grade_id} that {mistake} scored {cell['score']} of {cell['max_score']}"
+    assert_cell_lost(planted_grades, STUDENTS[student], TEST_OF[grade_id], SUBMISSIONS[student][grade_id][0])
 
 
 def test_makefile_skips_lesson_11_with_a_warning_where_tff_cannot_install(tmp_path):
