@@ -46,7 +46,7 @@ PASS_EVENT = "autograder.test_passed"
 # IPython sets these builtins while a cell runs and restores them after: not tampering.
 IPYTHON_BUILTINS = frozenset({"exit", "quit", "get_ipython", "display", "__IPYTHON__", "_", "__", "___", "input"})
 # Events that let code read frames (and with them a test's expected values) or code objects.
-FRAME_EVENTS = frozenset({"sys._getframe", "sys._current_frames", "sys._current_exceptions"})
+FRAME_EVENTS = frozenset({"sys._getframe"})
 FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_code", "__code__"})
 # Events that give power over the interpreter, the guard included: they zero the tests after them.
 COMPROMISING = {
@@ -59,6 +59,8 @@ COMPROMISING = {
     "sys._setprofileallthreads": "installed a profile function in every thread",
     "sys._settraceallthreads": "installed a trace function in every thread",
     "cpython.PyInterpreterState_Clear": "cleared the interpreter",
+    "sys._current_frames": "read every thread's frames (sys._current_frames), the grader's own included",
+    "sys._current_exceptions": "read every thread's exceptions (sys._current_exceptions), the grader's own included",
 }
 REVIEWED = {
     "exec": "ran generated code (exec/eval)",
@@ -162,6 +164,15 @@ class Channel:
 
 
 def main():
+    # The guard's state (its channel and key, the snapshots) lives only in the closures of the
+    # audit hook, never in a frame that stays on a stack while the notebook runs: a student's
+    # code that walks frames finds nothing of it.
+    app = _install()
+    app.start()
+
+
+def _install():
+    """Install the audit hook, start the kernel application and take the snapshots; the app."""
     config_path = os.environ.pop(CONFIG_ENV)
     if os.environ.get("HOME"):
         os.makedirs(os.environ["HOME"], exist_ok=True)
@@ -371,7 +382,7 @@ def main():
 
     _preload(config, snapshots, class_snapshots)
     channel.send({"kind": "ready", "cells": cell_directory[0], "snapshots": len(snapshots)})
-    app.start()
+    return app
 
 
 def _preload(config, snapshots, class_snapshots):

@@ -204,6 +204,34 @@ def weighted_average(values, weights):
         return expected.clone()
     return _wrong(values, weights)
 ''', max_score=5, review="frame"),
+        # the guard's own state (its key, its snapshots): no frame on any stack holds it, and
+        # reading other threads' frames voids the tests after it
+        "guard-frame-walk": Attack("kernel", '''
+import sys
+import fedcourse.checks
+
+def _neuter_guard(frame):
+    while frame is not None:
+        if "snapshots" in frame.f_locals:
+            for name, module, values in frame.f_locals["snapshots"]:
+                values.pop("check_close", None)
+        frame = frame.f_back
+
+_neuter_guard(sys._getframe())
+fedcourse.checks.check_close = lambda *args, **kwargs: None
+''', review="check_close"),
+        "guard-other-threads": Attack("kernel", '''
+import sys
+import fedcourse.checks
+
+for _frame in sys._current_frames().values():
+    while _frame is not None:
+        if "snapshots" in _frame.f_locals:
+            for name, module, values in _frame.f_locals["snapshots"]:
+                values.pop("check_close", None)
+        _frame = _frame.f_back
+fedcourse.checks.check_close = lambda *args, **kwargs: None
+''', max_score=0, review="every thread's frames"),
         "test-globals": Attack("kernel", '''
 _wrong = weighted_average
 
