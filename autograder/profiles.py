@@ -52,7 +52,7 @@ def machine_slowdown(jobs: int, load: float | None = None, cores: int | None = N
             load = os.getloadavg()[0]
         except OSError:  # not available on this system
             load = 0.0
-    return min(MAX_SLOWDOWN, max(1.0, jobs / cores, (load + jobs) / cores))
+    return min(MAX_SLOWDOWN, max(1.0, (max(load, 0.0) + jobs) / cores))
 
 
 def cell_limits(profile: dict, slowdown: float, fixed: float | None = None) -> tuple[dict[str, float], float, float]:
