@@ -27,10 +27,12 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
+from fedcourse.checks import toolbox
 from fedcourse.training import evaluate, get_device
 
 __all__ = [
     "client_update",
+    "epoch_orders",
     "fedavg",
     "sample_clients",
     "RoundResult",
@@ -69,6 +71,15 @@ def _dataset_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     if not pairs:
         raise ValueError("cannot train on an empty data set")
     return torch.stack([torch.as_tensor(x) for x, _ in pairs]), torch.as_tensor([int(y) for _, y in pairs])
+
+
+@toolbox
+def epoch_orders(n: int, epochs: int, seed: int) -> list[torch.Tensor]:
+    """The order in which ``client_update(..., seed=seed)`` visits a client's ``n`` examples in
+    each of its ``epochs`` epochs: one ``torch.randperm`` per epoch from one seeded generator.
+    Frameworks that must reproduce ``client_update`` batch for batch (lesson 11) use it too."""
+    generator = torch.Generator().manual_seed(int(seed))
+    return [torch.randperm(int(n), generator=generator) for _ in range(int(epochs))]
 
 
 def client_update(
@@ -111,7 +122,7 @@ def client_update(
     batch = n if batch_size is None else min(int(batch_size), n)
     if seed is None:
         seed = int(torch.randint(_SEED_RANGE, (1,)).item())
-    generator = torch.Generator().manual_seed(int(seed))
+    orders = epoch_orders(n, int(epochs), int(seed))
 
     device = get_device() if device is None else torch.device(device)
     # Deep-copy first: moving or training the caller's model would change the global model.
@@ -121,8 +132,8 @@ def client_update(
     parameters = [parameter for parameter in local.parameters() if parameter.requires_grad]
     anchor = [parameter.detach().clone() for parameter in parameters] if mu else []
     velocity: list[torch.Tensor | None] = [None] * len(parameters)
-    for _ in range(int(epochs)):
-        order = torch.randperm(n, generator=generator).to(device)
+    for order in orders:
+        order = order.to(device)
         for start in range(0, n, batch):
             index = order[start:start + batch]
             for parameter in parameters:

@@ -39,7 +39,8 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from fedcourse.checks import toolbox
-from fedcourse.fedavg import _SEED_RANGE, _dataset_tensors, client_update, fedavg, federated_averaging, sample_clients
+from fedcourse.fedavg import (_SEED_RANGE, _dataset_tensors, client_update, epoch_orders, fedavg,  # noqa: F401
+                              federated_averaging, sample_clients)
 from fedcourse.models import LogisticRegression
 
 __all__ = [
@@ -91,14 +92,6 @@ def round_seeds(num_clients: int, rounds: int, seed: int) -> list[list[int]]:
         torch.rand(len(sampled), generator=generator)
         table.append(torch.randint(_SEED_RANGE, (len(sampled),), generator=generator).tolist())
     return table
-
-
-@toolbox
-def epoch_orders(n: int, epochs: int, seed: int) -> list[torch.Tensor]:
-    """The order in which ``client_update(..., seed=seed)`` visits a client's ``n`` examples in
-    each of its ``epochs`` epochs: one ``torch.randperm`` per epoch from one seeded generator."""
-    generator = torch.Generator().manual_seed(int(seed))
-    return [torch.randperm(int(n), generator=generator) for _ in range(int(epochs))]
 
 
 @toolbox
