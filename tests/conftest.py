@@ -118,16 +118,20 @@ def answered_release(lesson: str, mistakes: dict | None = None) -> nbformat.Note
     return release
 
 
-def answered_up_to(lesson: str, last_test: str, mistakes: dict) -> nbformat.NotebookNode:
-    """`answered_release(lesson, ...)` with `mistakes` given as grade_id -> (what the mistake is,
-    change), and every code cell after the test `last_test` emptied: the experiments there take
-    time and earn no points."""
+def answered_up_to(lesson: str, last_test: str, mistakes: dict, *, also_empty: str | None = None) -> nbformat.NotebookNode:
+    """`answered_release(lesson, ...)` with `mistakes` planted (grade_id -> change, or (what the
+    mistake is, change)), and every code cell after the test `last_test` emptied: the experiments
+    there take time and earn no points. `also_empty`: text of the one costly code cell before
+    `last_test` that is emptied too."""
+    changes = {grade_id: value[1] if isinstance(value, tuple) else value for grade_id, value in mistakes.items()}
     nb = answered_release(lesson, {grade_id: change.strip("\n") if isinstance(change, str) else change
-                                   for grade_id, (_, change) in mistakes.items()})
+                                   for grade_id, change in changes.items()})
     last = max(i for i, c in enumerate(nb.cells) if c.metadata.get("nbgrader", {}).get("grade_id") == last_test)
+    costly = [i for i, c in enumerate(nb.cells) if also_empty and c.cell_type == "code" and also_empty in c.source]
+    assert not also_empty or (len(costly) == 1 and costly[0] < last), f"{also_empty!r} moved or is gone: update this test"
     for i, cell in enumerate(nb.cells):
-        if i > last and cell.cell_type == "code":
-            assert not cell.metadata.get("nbgrader"), f"cell {i} after the graded part is an nbgrader cell; update this test"
+        if cell.cell_type == "code" and (i > last or i in costly):
+            assert not cell.metadata.get("nbgrader"), f"cell {i} emptied by this test is an nbgrader cell; update this test"
             cell.source = ""
     return nb
 

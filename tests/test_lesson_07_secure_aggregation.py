@@ -13,7 +13,7 @@ from __future__ import annotations
 import nbformat
 import pytest
 
-from conftest import answered_release, plant
+from conftest import answered_up_to, plant
 
 LESSON = "07-secure-aggregation"
 LAST_TEST = "test_harary_neighbours"
@@ -108,13 +108,7 @@ PLANTED = {"mistakes-a": (MISTAKES_A, EXPECTED_A, MESSAGES_A), "mistakes-b": (MI
 def submission(mistakes: dict) -> nbformat.NotebookNode:
     """The released lesson answered with the solutions, `mistakes` planted, and the experiments
     after the last graded cell emptied."""
-    nb = answered_release(LESSON, {grade_id: change for grade_id, (_, change) in mistakes.items()})
-    last = max(i for i, c in enumerate(nb.cells) if c.metadata.get("nbgrader", {}).get("grade_id") == LAST_TEST)
-    for cell in nb.cells[last + 1:]:
-        if cell.cell_type == "code":
-            assert not cell.metadata.get("nbgrader", {}).get("grade"), "a graded cell after LAST_TEST: update this test"
-            cell.source = ""
-    return nb
+    return answered_up_to(LESSON, LAST_TEST, mistakes)
 
 
 STUDENTS = {name: plant(LESSON, name, lambda mistakes=mistakes: submission(mistakes))
