@@ -179,7 +179,7 @@ class GuardedExecute(Execute):
             if self._output_capped:
                 cell.outputs.append(error_output("OutputLimitExceeded", self._output_cap_message()))
                 self._output_capped = False
-            if watchdog is not None and watchdog.reason and stop_reason is None:
+            if watchdog is not None and watchdog.check() and stop_reason is None:
                 cell.outputs.append(error_output("ResourceLimit", watchdog.reason))
                 report["limit"] = watchdog.reason
                 stop_reason = f"not run: {watchdog.reason}"

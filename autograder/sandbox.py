@@ -243,7 +243,12 @@ class GuardedKernelManager(AsyncKernelManager):
 
 
 class Watchdog:
-    """Counts a kernel's processes and memory from outside; stops it when a limit is passed."""
+    """Counts a kernel's processes and memory from outside; stops it when a limit is passed.
+
+    A thread looks every ``interval`` seconds while a cell runs; the grader also calls
+    ``check()`` after every cell, so that what a cell left behind (say, hundreds of processes
+    started in a fraction of a second) stops the kernel before the next cell runs, whatever the
+    timing of the poll."""
 
     def __init__(self, pid: int, limits: Limits, runtime_dir: Path | None = None, interval: float = 0.25):
         self.pid, self.limits, self.interval = pid, limits, interval
@@ -252,6 +257,7 @@ class Watchdog:
         self.reason: str | None = None
         self.peak_mib = 0.0
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> "Watchdog":
@@ -263,17 +269,23 @@ class Watchdog:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.check() is not None:
+                return
+
+    def check(self) -> str | None:
+        """Measure now; past a limit, kill the kernel's processes. Returns why it was stopped
+        (now or earlier), or None."""
         import psutil
 
-        try:
-            root = psutil.Process(self.pid)
-        except psutil.Error:
-            return
-        while not self._stop.wait(self.interval):
+        with self._lock:
+            if self.reason:
+                return self.reason
             try:
+                root = psutil.Process(self.pid)
                 procs = [root] + root.children(recursive=True)
             except psutil.Error:
-                return
+                return None
             rss = 0
             threads = 0
             for proc in procs:
@@ -299,7 +311,7 @@ class Watchdog:
                         proc.kill()
                     except psutil.Error:
                         pass
-                return
+            return self.reason
 
 
 RUNTIME_FOLDER_MIB = 32

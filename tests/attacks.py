@@ -96,12 +96,11 @@ for pid in (-1, os.getppid(), 1):  # everything it can see, its parent, and init
     except OSError:
         pass
 ''', review="signal"),
-        # The watchdog stops the kernel when it next looks: tests that already ran keep what they
-        # earned (as after any late crash), so up to bob's points, never more.
+        # The watchdog also looks after every cell: the kernel is stopped before any test runs.
         "spawner": Attack("grader state", '''
 import subprocess
 children = [subprocess.Popen(["sleep", "120"]) for _ in range(400)]
-''', error="processes and threads"),
+''', max_score=0, error="processes and threads"),
         "disk": Attack("grader state", f'''
 import os
 chunk = b"x" * 2**20
