@@ -8,7 +8,8 @@ instructor must change.
 Opt-in (FEDCOURSE_COLAB_PYTHON, made by `.ci/colab`): a Python 3.12 environment with Colab's
 kind of preinstalled stack (a current PyTorch, numpy 2, a `google.colab` module) where the setup
 cell installs the course from the local clone, and lessons 00 and 03, answered, run end to end in
-that environment's kernel. Building that environment downloads about 3 GB (PyPI's Linux torch
+that environment's kernel; so does lesson 11, with the Flower its setup cell installs and its
+TensorFlow Federated sections skipped. Building that environment downloads about 3 GB (PyPI's Linux torch
 wheels bring CUDA), too much for every CI run.
 """
 
@@ -184,3 +185,41 @@ def test_lessons_run_in_a_colab_like_runtime_after_the_setup_cell_installs_the_c
         assert (numpy_after, torch_after) == (numpy, torch), "Colab keeps its own numpy and torch"
         assert package.startswith(str(Path(COLAB_PYTHON).parent.parent)), "installed into the runtime"
     print(f"Colab-like runtime (Python {python}, numpy {numpy}, torch {torch}), seconds: {timings}")
+
+
+@colab
+def test_lesson_11_runs_its_flower_sections_in_a_colab_like_runtime_and_skips_tff_clearly(tmp_path, monkeypatch):
+    """Colab's Python 3.12 cannot install TensorFlow Federated: lesson 11's setup cell installs
+    Flower (course.toml's `colab_requirements`) and the course; the answered lesson then runs end
+    to end, its TFF sections saying they are skipped, its Flower sections (Flower's current
+    release, not the 1.12 of the local environment) checked against the course as locally."""
+    from nbclient import NotebookClient
+
+    lesson = Course(REPO).lesson("11-frameworks")
+    clone = _course_repository(tmp_path / "clone")
+    root = copy_course(tmp_path / "course")
+    config = root / "course.toml"
+    config.write_text(config.read_text().replace(f'repository = "{Course(REPO).repository}"',
+                                                 f'repository = "file://localhost{clone}"', 1))
+    course = Course(root)
+    setup = setup_source(course, course.lesson(lesson.id))
+    monkeypatch.setenv("JUPYTER_PATH", _kernel(tmp_path))
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    # a fresh runtime: neither the course nor Flower is there yet
+    subprocess.run([COLAB_PYTHON, "-m", "pip", "uninstall", "--yes", "--quiet", "private-federated-learning", "flwr"],
+                   capture_output=True, timeout=300)
+    nb = answered_release(lesson.id)
+    cell = next(c for c in nb.cells if SETUP_TAG in c.metadata.get("tags", []))
+    cell.source = setup
+    workdir = tmp_path / lesson.id
+    workdir.mkdir()
+    started = time.perf_counter()
+    NotebookClient(nb, timeout=600, kernel_name="colab-py312", resources={"metadata": {"path": str(workdir)}}).execute()
+    seconds = time.perf_counter() - started
+    printed = "".join(output.get("text", "") for output in cell.outputs)
+    assert "flwr[simulation]==" in printed and f"git+file://localhost{clone}@main" in printed, printed[-2000:]
+    assert "the TFF sections will be skipped" in printed, printed[-2000:]
+    flower = _colab_python("from importlib import metadata", "print(metadata.version('flwr'))")
+    everything = "\n".join(output.get("text", "") for c in nb.cells if c.cell_type == "code" for output in c.outputs)
+    assert "TensorFlow Federated" in everything and "skipped" in everything.lower()
+    print(f"lesson 11 in a Colab-like runtime with Flower {flower}: {seconds:.0f} s including the installs")
