@@ -65,6 +65,7 @@ from __future__ import annotations
 import io
 import pickle
 import random
+import sys
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -141,7 +142,12 @@ _UNNAMED_CODE: dict[str, Any] = {}
 def _findable_by_name(obj) -> bool:
     module = getattr(obj, "__module__", None)
     qualname = getattr(obj, "__qualname__", "")
-    return bool(module) and "<locals>" not in qualname and "<lambda>" not in qualname
+    if not module or "<locals>" in qualname or "<lambda>" in qualname:
+        return False
+    found = sys.modules.get(module)  # e.g. a class defined by exec() in a namespace other than its module's
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found is obj
 
 
 class _Pickler(pickle.Pickler):

@@ -32,6 +32,7 @@ initialisation and which are wrong values.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import re
@@ -87,12 +88,15 @@ def code_cells(path: Path) -> list[str]:
             if cell["cell_type"] == "code" and "".join(cell["source"]).strip()]
 
 
-def stored_outputs(path: Path) -> dict[str, str]:
-    """Code (stripped) -> the text it printed or displayed, from a notebook with outputs."""
+def stored_outputs(path: Path, sources: list[str]) -> list[str | None]:
+    """For each of `sources`, the text its cell printed or displayed in the notebook at `path`
+    (a version with stored outputs), or None where that notebook has no cell with the same code.
+    The two lists of cells are aligned in order (difflib), so repeated cells such as
+    ``bob._objects`` are matched with the right occurrence."""
     notebook = json.loads(path.read_text())
-    found = {}
+    codes, outputs = [], []
     for cell in notebook["cells"]:
-        if cell["cell_type"] != "code":
+        if cell["cell_type"] != "code" or not "".join(cell["source"]).strip():
             continue
         texts = []
         for output in cell.get("outputs", []):
@@ -100,14 +104,20 @@ def stored_outputs(path: Path) -> dict[str, str]:
                 texts.append("".join(output["text"]))
             elif output.get("output_type") in ("execute_result", "display_data"):
                 texts.append("".join(output.get("data", {}).get("text/plain", "")) + "\n")
-        found["".join(cell["source"]).strip()] = "".join(texts)
+        codes.append("".join(cell["source"]).strip())
+        outputs.append("".join(texts))
+    found: list[str | None] = [None] * len(sources)
+    matcher = difflib.SequenceMatcher(a=[s.strip() for s in sources], b=codes, autojunk=False)
+    for block in matcher.get_matching_blocks():
+        for k in range(block.size):
+            found[block.a + k] = outputs[block.b + k]
     return found
 
 
 _CHILD = r'''
 import ast, contextlib, io, json, sys, time, traceback
 cells = json.loads(sys.stdin.read())
-namespace = {"__name__": "__main__"}
+namespace = sys.modules["__main__"].__dict__  # as in Jupyter: classes defined in a cell live in __main__
 results = []
 for source in cells:
     out = io.StringIO()
@@ -164,18 +174,18 @@ def main(argv=None) -> int:
         path = matches[0]
         sources = code_cells(path)
         rewritten = [rewrite(source, settings) for source in sources]
-        reference = {}
+        reference = [None] * len(sources)
         if args.reference is not None:
             candidates = sorted(args.reference.glob(f"{part}*.ipynb"))
-            reference = stored_outputs(candidates[0]) if candidates else {}
+            if candidates:
+                reference = stored_outputs(candidates[0], sources)
         results = run_notebook([code for code, _ in rewritten], args.timeout)
         ok = sum(result["error"] is None for result in results)
         total_ok, total = total_ok + ok, total + len(results)
         print(f"\n=== {path.name}: {ok} of {len(results)} code cells ran")
-        for number, (source, (_, changes), result) in enumerate(zip(sources, rewritten, results), 1):
+        for number, (stored, (_, changes), result) in enumerate(zip(reference, rewritten, results), 1):
             status = "ok" if result["error"] is None else f"FAILED {result['error']}"
             comparison = ""
-            stored = reference.get(source.strip())
             if stored is not None and stored.strip() and result["error"] is None:
                 same = _ID.sub("<id>", stored).strip() == _ID.sub("<id>", result["stdout"]).strip()
                 comparison = " | stored output: same" if same else " | stored output: differs"
