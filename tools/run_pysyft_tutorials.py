@@ -144,6 +144,13 @@ print("\n@@RESULTS@@" + json.dumps(results))
 '''
 
 
+def _shorten(text: str, head: int = 12, tail: int = 6) -> str:
+    lines = text.strip().splitlines()
+    if len(lines) <= head + tail:
+        return "\n".join(lines)
+    return "\n".join(lines[:head] + [f"... ({len(lines) - head - tail} lines) ..."] + lines[-tail:])
+
+
 def run_notebook(cells: list[str], timeout: float) -> list[dict]:
     process = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(cells), capture_output=True,
                              text=True, timeout=timeout, env=dict(os.environ, MPLBACKEND="Agg"))
@@ -194,9 +201,9 @@ def main(argv=None) -> int:
                 print(f"      changed: {change}")
             if args.verbose:
                 if result["stdout"].strip():
-                    print("      printed: " + result["stdout"].strip()[:1500].replace("\n", "\n               "))
+                    print("      printed: " + _shorten(result["stdout"]).replace("\n", "\n               "))
                 if comparison.endswith("differs"):
-                    print("      stored:  " + stored.strip()[:1500].replace("\n", "\n               "))
+                    print("      stored:  " + _shorten(stored).replace("\n", "\n               "))
     print(f"\nin all: {total_ok} of {total} code cells ran")
     return 0 if total_ok == total else 1
 
