@@ -88,9 +88,9 @@ def _new_id() -> int:
 
 def _not_in_course(what: str):
     raise NotImplementedError(
-        f"{what} of PySyft 0.2 is not part of the course's mini PySyft. The course builds the "
-        "cryptography itself instead: lesson 06 (Paillier-encrypted aggregation, fixed point) and "
-        "lesson 07 (secure aggregation with masks and Shamir secret sharing)")
+        f"{what}: PySyft 0.2 had it, the course's mini PySyft does not. The course builds the "
+        "cryptography of private aggregation itself instead: lesson 06 (Paillier-encrypted aggregation, "
+        "fixed point) and lesson 07 (secure aggregation with masks and Shamir secret sharing)")
 
 
 class PointerError(RuntimeError):
@@ -606,7 +606,7 @@ class PointerTensor:
         return self
 
     def _smpc_not_in_course(self, *args, **kwargs):
-        _not_in_course("secure multi-party computation and fixed precision (share, fix_precision)")
+        _not_in_course("Secure multi-party computation and fixed precision (share, fix_precision)")
 
     share = fix_precision = fix_prec = float_precision = float_prec = encrypt = decrypt = _smpc_not_in_course
 
