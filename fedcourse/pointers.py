@@ -19,9 +19,14 @@ The pieces
   that mix pointers at two workers, or a pointer and a local tensor, raise
   ``PointerLocationError`` naming both ends instead of copying data behind your back.
   Dropping the last reference to a pointer deletes the remote object (garbage collection).
-- ``TorchHook(torch)`` adds ``torch.Tensor.send``, ``torch.nn.Module.send`` and
-  ``torch.nn.Module.get``, creates the local worker ``me`` (``hook.local_worker``), and lets a
-  sent model be called on pointers and trained by an optimizer created on the local model.
+  A pointer can itself be sent on, as in PySyft 0.2: ``x.send(bob).send(alice)`` leaves the
+  tensor at bob, a pointer to it (owned by alice) at alice, and gives a pointer to alice's
+  pointer. Operations travel down such a chain; ``.get()`` brings back one link at a time and
+  ``.remote_get()`` makes alice fetch the value from bob.
+- ``TorchHook(torch)`` adds ``torch.Tensor.send``, ``torch.nn.Module.send``,
+  ``torch.nn.Module.get``, ``.move`` and ``.copy``, creates the local worker ``me``
+  (``hook.local_worker``), and lets a sent model be called on pointers and trained by an
+  optimizer created on the local model.
 
 Design choice: pointers are tensor-likes, models are proxies
 ------------------------------------------------------------
@@ -46,7 +51,14 @@ object and the same ``nn.Parameter`` objects, emptied. The shell forwards:
   plain SGD). The local step then skips those parameters (their ``.grad`` is ``None``);
 - ``optimizer.zero_grad()`` and ``model.zero_grad()`` also clear the remote gradients;
 - ``model.get()`` brings the module back and pours its values, gradients and buffers into the
-  shell's existing parameter objects, so the optimizer keeps working on the same objects.
+  shell's existing parameter objects, so the optimizer keeps working on the same objects;
+- reading a parameter or buffer by name, ``model.weight`` (or ``model.fc1.weight``), gives a
+  pointer to it at the model's location, as in PySyft 0.2, so that ``(m1.weight.data +
+  m2.weight.data) / 2`` computes with the real values there; ``model.parameters()`` still yields
+  the shell's (empty) parameter objects, which is what optimizers hold. ``model.state_dict()``
+  and ``model.copy()`` refuse while the model is away (an empty copy would be a silent error);
+- ``model.move(worker)`` moves the model from its worker straight to another one, and dropping
+  the last reference to the shell deletes the model where it is.
 
 So the classic PySyft 0.2 loop runs unchanged: ``model.send(data.location)``,
 ``optimizer.zero_grad()``, ``output = model(data)``, ``loss = F.nll_loss(output, target)``,

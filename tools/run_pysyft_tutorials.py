@@ -115,32 +115,40 @@ def stored_outputs(path: Path, sources: list[str]) -> list[str | None]:
 
 
 _CHILD = r'''
-import ast, contextlib, io, json, sys, time, traceback
-cells = json.loads(sys.stdin.read())
-namespace = sys.modules["__main__"].__dict__  # as in Jupyter: classes defined in a cell live in __main__
-results = []
-for source in cells:
-    out = io.StringIO()
-    started = time.perf_counter()
-    error = None
-    try:
-        tree = ast.parse(source)
-        last = None
-        if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last = ast.Expression(tree.body.pop().value)
-        with contextlib.redirect_stdout(out):
-            exec(compile(tree, "<cell>", "exec"), namespace)
-            if last is not None:
-                value = eval(compile(last, "<cell>", "eval"), namespace)
-                if value is not None:
-                    print(repr(value))
-    except BaseException as exc:
-        error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        where = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == "<cell>"]
-        if where:
-            error += f" (cell line {where[-1].lineno})"
-    results.append({"stdout": out.getvalue(), "error": error, "seconds": time.perf_counter() - started})
-print("\n@@RESULTS@@" + json.dumps(results))
+import sys
+
+
+def _run_cells(cells):
+    # The runner's own names live here, not in __main__, so that a tutorial cannot overwrite them.
+    import ast, contextlib, io, time, traceback
+    namespace = sys.modules["__main__"].__dict__  # as in Jupyter: classes defined in a cell live in __main__
+    results = []
+    for source in cells:
+        out = io.StringIO()
+        started = time.perf_counter()
+        error = None
+        try:
+            tree = ast.parse(source)
+            last = None
+            if tree.body and isinstance(tree.body[-1], ast.Expr):
+                last = ast.Expression(tree.body.pop().value)
+            with contextlib.redirect_stdout(out):
+                exec(compile(tree, "<cell>", "exec"), namespace)
+                if last is not None:
+                    value = eval(compile(last, "<cell>", "eval"), namespace)
+                    if value is not None:
+                        print(repr(value))
+        except BaseException as exc:
+            error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            where = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == "<cell>"]
+            if where:
+                error += f" (cell line {where[-1].lineno})"
+        results.append({"stdout": out.getvalue(), "error": error, "seconds": time.perf_counter() - started})
+    return results
+
+
+import json as _json
+print("\n@@RESULTS@@" + _json.dumps(_run_cells(_json.loads(sys.stdin.read()))))
 '''
 
 
