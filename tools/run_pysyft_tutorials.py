@@ -24,7 +24,7 @@ changes made to a cell are:
 The report gives, per notebook, how many code cells ran without an exception, and per cell
 ``ok`` or the exception. With ``--reference`` (a folder of the same notebooks with stored
 outputs, e.g. an older commit of the same files), cells whose code is unchanged are compared
-with the stored output after masking PySyft's random 10-11 digit ids; ``same`` or ``differs``
+with the stored output after masking PySyft's random 10-11 digit ids and collapsing whitespace; ``same`` or ``differs``
 is shown (with -v, the two texts), so that a reader can judge which differences are random
 initialisation and which are wrong values.
 """
@@ -152,6 +152,11 @@ print("\n@@RESULTS@@" + _json.dumps(_run_cells(_json.loads(sys.stdin.read()))))
 '''
 
 
+def _masked(text: str) -> str:
+    """Ids masked and whitespace collapsed (IPython's pretty printer wraps long dicts; repr does not)."""
+    return " ".join(_ID.sub("<id>", text).split())
+
+
 def _shorten(text: str, head: int = 12, tail: int = 6) -> str:
     lines = text.strip().splitlines()
     if len(lines) <= head + tail:
@@ -202,7 +207,7 @@ def main(argv=None) -> int:
             status = "ok" if result["error"] is None else f"FAILED {result['error']}"
             comparison = ""
             if stored is not None and stored.strip() and result["error"] is None:
-                same = _ID.sub("<id>", stored).strip() == _ID.sub("<id>", result["stdout"]).strip()
+                same = _masked(stored) == _masked(result["stdout"])
                 comparison = " | stored output: same" if same else " | stored output: differs"
             print(f"[{number:2d}] {status} ({result['seconds']:.1f} s){comparison}")
             for change in changes:
