@@ -11,7 +11,8 @@ Modules, by what a lesson needs:
 - ``fedcourse.aggregation``  reference implementations of aggregation steps (lesson 00 onwards)
 - ``fedcourse.pointers``     reference mini-PySyft: workers, pointer tensors, remote ops and autograd, model send/get (lesson 01)
 - ``fedcourse.federated_data`` federated data sets, the federated data loader and the send-train-get step (lesson 02)
-- ``fedcourse.syft_compat``  the PySyft 0.2 names (``from fedcourse import syft_compat as sy``) over pointers and federated data
+- ``fedcourse.syft_compat``  the PySyft 0.2 names (``from fedcourse import syft_compat as sy``) over pointers and federated data;
+                             PySyft 0.2's tutorials Parts 01-04, 06 and 07 run on it (``tools/run_pysyft_tutorials.py``)
 - ``fedcourse.fedavg``       Federated Averaging: ClientUpdate, weighted average, sampling, dropout, server loop (lesson 03 onwards)
 - ``fedcourse.compression``  compressed uplinks: bit packing, quantization, rotation, subsampling, low rank, compressed rounds (lesson 04 onwards)
 - ``fedcourse.leakage``      gradient-leakage attacks: iDLG label inference, Deep Leakage from Gradients, PSNR/SSIM, matching (lesson 05 onwards)

@@ -24,7 +24,8 @@ PySyft 0.2 style of the classic tutorials, on the workers and pointers of
 - ``train_on_batch`` is the classic step: send the model to the batch's location, train there,
   bring the model back. ``train_federated`` loops it over a loader.
 
-Any ``TensorDataset`` (such as ``fedcourse.mnist.load_mnist``'s) or ``BaseDataset`` can be
+Any ``TensorDataset`` (such as ``fedcourse.mnist.load_mnist``'s), ``BaseDataset``, or other
+``torch.utils.data.Dataset`` of ``(example, target)`` pairs (torchvision's MNIST, say) can be
 federated; ``hook_datasets()`` gives ``torch.utils.data.Dataset`` a ``federate`` method, as
 PySyft 0.2 did, so that ``load_mnist("train").federate((bob, alice))`` reads like the tutorials.
 """
@@ -53,18 +54,37 @@ __all__ = [
 
 
 class BaseDataset(Dataset):
-    """A data set of two tensors, ``data`` and ``targets``, with the same first dimension."""
+    """A data set of two tensors, ``data`` and ``targets``, with the same first dimension.
 
-    def __init__(self, data: torch.Tensor, targets: torch.Tensor) -> None:
-        if not isinstance(data, torch.Tensor) or not isinstance(targets, torch.Tensor):
+    As in PySyft 0.2, the two may also be pointers to tensors at one worker
+    (``BaseDataset(data_ptr, targets_ptr)``): the data set then lives there, ``location`` says
+    where, and a list of such data sets makes a ``FederatedDataset``.
+    """
+
+    def __init__(self, data: torch.Tensor | PointerTensor, targets: torch.Tensor | PointerTensor) -> None:
+        remote = [isinstance(t, PointerTensor) for t in (data, targets)]
+        if any(remote):
+            if not all(remote):
+                raise TypeError("BaseDataset(data, targets) needs two tensors here or two pointers to one worker, "
+                                "not a tensor and a pointer")
+            if data.location is not targets.location:
+                raise ValueError(f"the data is at {data.location.id} but the targets are at {targets.location.id}")
+        elif not isinstance(data, torch.Tensor) or not isinstance(targets, torch.Tensor):
             raise TypeError("BaseDataset(data, targets) needs two tensors")
-        if len(data) != len(targets):
-            raise ValueError(f"data has {len(data)} examples but targets has {len(targets)}")
+        n_data, n_targets = (t.shape[0] for t in (data, targets))  # a pointer asks its worker (metadata only)
+        if n_data != n_targets:
+            raise ValueError(f"data has {n_data} examples but targets has {n_targets}")
         self.data = data
         self.targets = targets
+        self._length = n_data
+
+    @property
+    def location(self) -> VirtualWorker | None:
+        """The worker the data set lives at, or None when it is here."""
+        return self.data.location if isinstance(self.data, PointerTensor) else None
 
     def __len__(self) -> int:
-        return len(self.data)
+        return self._length
 
     def __getitem__(self, index):
         return self.data[index], self.targets[index]
@@ -96,10 +116,17 @@ class WorkerPart:
 class FederatedDataset:
     """A data set whose parts live at workers: ``parts[worker_id]`` is a ``WorkerPart``.
 
-    ``datasets`` is the PySyft 0.2 name of the same dict.
+    ``datasets`` is the PySyft 0.2 name of the same dict. As in PySyft 0.2, it can also be
+    built from a list of data sets that already live at workers,
+    ``FederatedDataset([BaseDataset(data_ptr, targets_ptr), ...])``, one per worker.
     """
 
-    def __init__(self, parts: dict) -> None:
+    def __init__(self, parts) -> None:
+        if isinstance(parts, (list, tuple)):
+            parts = _parts_of_remote_datasets(parts)
+        if not isinstance(parts, dict):
+            raise TypeError("FederatedDataset needs a dict {worker id: WorkerPart} or a list of BaseDatasets "
+                            f"at workers, got {type(parts).__name__}")
         for worker_id, part in parts.items():
             if not isinstance(part, WorkerPart):
                 raise TypeError(f"parts[{worker_id!r}] must be a WorkerPart, got {type(part).__name__}")
@@ -132,9 +159,28 @@ class FederatedDataset:
         return f"FederatedDataset({inside})"
 
 
+def _parts_of_remote_datasets(datasets) -> dict:
+    parts = {}
+    for dataset in datasets:
+        if not isinstance(dataset, BaseDataset) or dataset.location is None:
+            raise TypeError("FederatedDataset([...]) needs BaseDatasets of pointers, one per worker "
+                            f"(BaseDataset(data_ptr, targets_ptr)); got {dataset!r}")
+        worker_id = dataset.location.id
+        if worker_id in parts:
+            raise ValueError(f"two of the data sets live at {worker_id}; give one per worker")
+        parts[worker_id] = WorkerPart(dataset.data, dataset.targets, len(dataset))
+    return parts
+
+
 def dataset_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(data, targets)`` of a ``BaseDataset``, a two-tensor ``TensorDataset`` or a pair."""
+    """``(data, targets)`` of a data set: a ``BaseDataset``, a two-tensor ``TensorDataset``, a
+    ``(data, targets)`` pair, or any ``torch.utils.data.Dataset`` whose items are
+    ``(example, target)`` pairs (torchvision's MNIST, say: its transform is applied to each item,
+    as a DataLoader would, and the results are stacked)."""
     if isinstance(dataset, BaseDataset):
+        if dataset.location is not None:
+            raise ValueError(f"this BaseDataset already lives at {dataset.location.id}; federate a data set "
+                             "that is here, or build a FederatedDataset from data sets at workers")
         return dataset.data, dataset.targets
     if isinstance(dataset, TensorDataset):
         if len(dataset.tensors) != 2:
@@ -143,8 +189,29 @@ def dataset_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
         return dataset.tensors[0], dataset.tensors[1]
     if isinstance(dataset, (tuple, list)) and len(dataset) == 2:
         return dataset[0], dataset[1]
+    if isinstance(dataset, Dataset) and hasattr(dataset, "__len__"):
+        return _stacked_items(dataset)
     raise TypeError(f"cannot federate a {type(dataset).__name__}: give a BaseDataset, a TensorDataset "
-                    "of (data, targets) or a (data, targets) pair")
+                    "of (data, targets), a (data, targets) pair or a torch Dataset of (example, target) items")
+
+
+def _stacked_items(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """All items of a map-style data set of ``(example, target)`` pairs, stacked into two tensors."""
+    examples, targets = [], []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise TypeError(f"cannot federate a {type(dataset).__name__}: its items must be (example, target) "
+                            f"pairs, item {index} is a {type(item).__name__}")
+        example, target = item
+        if not isinstance(example, torch.Tensor):
+            raise TypeError(f"cannot federate a {type(dataset).__name__}: its examples must be tensors (give it a "
+                            f"transform such as transforms.ToTensor()); item {index} holds a {type(example).__name__}")
+        examples.append(example)
+        targets.append(torch.as_tensor(target))
+    if not examples:
+        raise ValueError(f"cannot federate an empty {type(dataset).__name__}")
+    return torch.stack(examples), torch.stack(targets)
 
 
 def federate(dataset, workers: Sequence[VirtualWorker]) -> FederatedDataset:

@@ -19,9 +19,14 @@ The pieces
   that mix pointers at two workers, or a pointer and a local tensor, raise
   ``PointerLocationError`` naming both ends instead of copying data behind your back.
   Dropping the last reference to a pointer deletes the remote object (garbage collection).
-- ``TorchHook(torch)`` adds ``torch.Tensor.send``, ``torch.nn.Module.send`` and
-  ``torch.nn.Module.get``, creates the local worker ``me`` (``hook.local_worker``), and lets a
-  sent model be called on pointers and trained by an optimizer created on the local model.
+  A pointer can itself be sent on, as in PySyft 0.2: ``x.send(bob).send(alice)`` leaves the
+  tensor at bob, a pointer to it (owned by alice) at alice, and gives a pointer to alice's
+  pointer. Operations travel down such a chain; ``.get()`` brings back one link at a time and
+  ``.remote_get()`` makes alice fetch the value from bob.
+- ``TorchHook(torch)`` adds ``torch.Tensor.send``, ``torch.nn.Module.send``,
+  ``torch.nn.Module.get``, ``.move`` and ``.copy``, creates the local worker ``me``
+  (``hook.local_worker``), and lets a sent model be called on pointers and trained by an
+  optimizer created on the local model.
 
 Design choice: pointers are tensor-likes, models are proxies
 ------------------------------------------------------------
@@ -46,7 +51,14 @@ object and the same ``nn.Parameter`` objects, emptied. The shell forwards:
   plain SGD). The local step then skips those parameters (their ``.grad`` is ``None``);
 - ``optimizer.zero_grad()`` and ``model.zero_grad()`` also clear the remote gradients;
 - ``model.get()`` brings the module back and pours its values, gradients and buffers into the
-  shell's existing parameter objects, so the optimizer keeps working on the same objects.
+  shell's existing parameter objects, so the optimizer keeps working on the same objects;
+- reading a parameter or buffer by name, ``model.weight`` (or ``model.fc1.weight``), gives a
+  pointer to it at the model's location, as in PySyft 0.2, so that ``(m1.weight.data +
+  m2.weight.data) / 2`` computes with the real values there; ``model.parameters()`` still yields
+  the shell's (empty) parameter objects, which is what optimizers hold. ``model.state_dict()``
+  and ``model.copy()`` refuse while the model is away (an empty copy would be a silent error);
+- ``model.move(worker)`` moves the model from its worker straight to another one, and dropping
+  the last reference to the shell deletes the model where it is.
 
 So the classic PySyft 0.2 loop runs unchanged: ``model.send(data.location)``,
 ``optimizer.zero_grad()``, ``output = model(data)``, ``loss = F.nll_loss(output, target)``,
@@ -65,6 +77,7 @@ from __future__ import annotations
 import io
 import pickle
 import random
+import sys
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -83,6 +96,13 @@ _ID_RANDOM = random.Random()  # separate generator: seeding the lesson's RNG mus
 
 def _new_id() -> int:
     return _ID_RANDOM.randint(10**10, 10**11 - 1)  # PySyft-style 11-digit ids
+
+
+def _not_in_course(what: str):
+    raise NotImplementedError(
+        f"{what}: PySyft 0.2 had it, the course's mini PySyft does not. The course builds the "
+        "cryptography of private aggregation itself instead: lesson 06 (Paillier-encrypted aggregation, "
+        "fixed point) and lesson 07 (secure aggregation with masks and Shamir secret sharing)")
 
 
 class PointerError(RuntimeError):
@@ -134,7 +154,12 @@ _UNNAMED_CODE: dict[str, Any] = {}
 def _findable_by_name(obj) -> bool:
     module = getattr(obj, "__module__", None)
     qualname = getattr(obj, "__qualname__", "")
-    return bool(module) and "<locals>" not in qualname and "<lambda>" not in qualname
+    if not module or "<locals>" in qualname or "<lambda>" in qualname:
+        return False
+    found = sys.modules.get(module)  # e.g. a class defined by exec() in a namespace other than its module's
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found is obj
 
 
 class _Pickler(pickle.Pickler):
@@ -149,9 +174,38 @@ class _Pickler(pickle.Pickler):
         if type(obj) in (torch.Tensor, torch.nn.Parameter):
             return _rebuild_tensor, (_tensor_state(obj),)
         if isinstance(obj, PointerTensor):
-            raise PointerError(f"cannot send a pointer ({obj!r}) inside a message; use .move(worker) "
-                               "to move the object it points to")
+            if not _TRANSFER["pointers"]:
+                raise PointerError(f"cannot send a pointer ({obj!r}) inside a message; use .move(worker) "
+                                   "to move the object it points to, or ptr.send(worker) to send the pointer")
+            # The pointer itself changes hands (ptr.send(alice), or a pointer fetched with .get()):
+            # the receiver's copy now owns the remote object, and this one may no longer use or delete it.
+            obj._check_alive()
+            obj._alive = False
+            obj._spent_because = "it was sent on to another worker; use the pointer that send returned"
+            return _rebuild_pointer, (obj.location._address, obj.id_at_location, obj.id, obj.garbage_collect_data)
         return NotImplemented
+
+
+# Pointers may travel inside a message only where a pointer changes hands on purpose: sending a
+# pointer on (``x_ptr.send(alice)``), fetching one (``pointer_to_x_ptr.get()``) or moving one.
+_TRANSFER = {"pointers": False}
+# The worker that is deserializing a message: a pointer that arrives belongs to it.
+_RECEIVING: list = []
+
+
+class _transferring_pointers:
+    def __enter__(self):
+        self.before = _TRANSFER["pointers"]
+        _TRANSFER["pointers"] = True
+
+    def __exit__(self, *exc):
+        _TRANSFER["pointers"] = self.before
+
+
+def _rebuild_pointer(address, id_at_location, pointer_id, garbage_collect_data):
+    owner = _RECEIVING[-1] if _RECEIVING else local_worker()
+    return PointerTensor(_WORKERS[address], id_at_location, owner, id=pointer_id,
+                         garbage_collect_data=garbage_collect_data)
 
 
 @toolbox
@@ -190,6 +244,15 @@ class _Ref:
 
 
 _NO_REPLY = object()
+
+
+class _PointerReply:
+    """A reply that hands a pointer over to the asker (``get`` on a pointer to a pointer)."""
+
+    __slots__ = ("pointer",)
+
+    def __init__(self, pointer):
+        self.pointer = pointer
 _WORKERS: "weakref.WeakValueDictionary[int, VirtualWorker]" = weakref.WeakValueDictionary()
 
 # Answers about a remote tensor that reveal its metadata, never its values.
@@ -225,16 +288,28 @@ class VirtualWorker:
             return None
         self.bytes_received += len(reply)
         self.messages_received += 1
-        return deserialize(reply)
+        _RECEIVING.append(self)
+        try:
+            return deserialize(reply)
+        finally:
+            _RECEIVING.pop()
 
     def _receive_msg(self, data: bytes) -> bytes | None:
         self.bytes_received += len(data)
         self.messages_received += 1
-        kind, *payload = deserialize(data)
+        _RECEIVING.append(self)
+        try:
+            kind, *payload = deserialize(data)
+        finally:
+            _RECEIVING.pop()
         answer = getattr(self, f"_on_{kind}")(*payload)
         if answer is _NO_REPLY:
             return None
-        reply = serialize(answer)
+        if isinstance(answer, _PointerReply):
+            with _transferring_pointers():
+                reply = serialize(answer.pointer)
+        else:
+            reply = serialize(answer)
         self.bytes_sent += len(reply)
         self.messages_sent += 1
         return reply
@@ -278,15 +353,27 @@ class VirtualWorker:
     def _on_get(self, obj_id):
         obj = self._resolve(_Ref(obj_id))
         del self._objects[obj_id]
+        if isinstance(obj, PointerTensor):  # a pointer to a pointer: the owner gets this pointer
+            return _PointerReply(obj)
         return obj
+
+    def _on_remote_get(self, obj_id):
+        obj = self._resolve(_Ref(obj_id))
+        if not isinstance(obj, PointerTensor):
+            raise PointerError(f"remote_get: {self.id} already holds the value itself, not a pointer "
+                               "(remote_get fetches what a pointer at this worker points to)")
+        self._objects[obj_id] = obj.get()
+        return _NO_REPLY
 
     def _on_delete(self, obj_id):
         self._objects.pop(obj_id, None)
         return _NO_REPLY
 
     def _on_move(self, obj_id, address, new_id):
-        obj = self._on_get(obj_id)
-        self._send_msg(("store", new_id, obj), _WORKERS[address])
+        obj = self._resolve(_Ref(obj_id))
+        del self._objects[obj_id]
+        with _transferring_pointers():
+            self._send_msg(("store", new_id, obj), _WORKERS[address])
         return _NO_REPLY
 
     def _on_method(self, obj_id, name, args, kwargs):
@@ -305,6 +392,12 @@ class VirtualWorker:
             raise PointerError(f"{name} is not metadata; call .get() to see values")
         value = getattr(self._resolve(_Ref(obj_id)), name)
         return value(*args) if args is not None else value
+
+    def _on_module_tensor(self, module_id, name):
+        module = self._resolve(_Ref(module_id))
+        *path, attribute = name.split(".")
+        owner = module.get_submodule(".".join(path)) if path else module
+        return self._store(getattr(owner, attribute))
 
     def _on_call_module(self, module_id, path, args, kwargs):
         module = self._resolve(_Ref(module_id))
@@ -462,6 +555,9 @@ class PointerTensor:
 
     def _check_alive(self) -> None:
         if not self._alive:
+            because = getattr(self, "_spent_because", None)
+            if because:
+                raise PointerError(f"this pointer can no longer be used: {because}")
             raise PointerError("this pointer no longer points to anything: its object was fetched "
                                "with .get() or moved with .move(); use the value or pointer those returned")
 
@@ -491,9 +587,40 @@ class PointerTensor:
         self._alive = False
         return PointerTensor(destination, new_id, self.owner)
 
-    def send(self, *workers):
-        raise PointerError(f"{self!r} already points to {self.location.id}; use .move(worker) to move "
-                           "the object, or .get() it first")
+    def send(self, *workers, **ignored_pysyft_options) -> "PointerTensor":
+        """Send this pointer on to another worker, as PySyft 0.2 did: ``x_ptr.send(alice)``.
+
+        The object stays where it is (at bob); alice now holds this pointer (owned by alice,
+        pointing to bob) under this pointer's id, and what comes back is a pointer to it: a
+        pointer to a pointer. Operations on it run at alice, who forwards them to bob;
+        ``.get()`` brings the pointer back, a second ``.get()`` the value. This pointer is
+        spent: alice's copy now owns the object.
+        """
+        if len(workers) != 1:
+            raise TypeError(f"send a pointer on to one worker at a time, got {len(workers)}")
+        destination = workers[0]
+        if not isinstance(destination, VirtualWorker):
+            raise TypeError(f"send needs a VirtualWorker, got {type(destination).__name__}")
+        self._check_alive()
+        owner = self.owner
+        with _transferring_pointers():
+            owner._send_msg(("store", self.id, self), destination)
+        return PointerTensor(destination, self.id, owner)
+
+    def remote_get(self) -> "PointerTensor":
+        """For a pointer to a pointer: its location fetches the value, which then lives there.
+
+        ``p2p2x.remote_get()`` makes alice call ``.get()`` on her pointer to bob: the value moves
+        from bob to alice, and this pointer (to alice) now points to the value itself.
+        """
+        self._check_alive()
+        self.owner._send_msg(("remote_get", self.id_at_location), self.location)
+        return self
+
+    def _smpc_not_in_course(self, *args, **kwargs):
+        _not_in_course("Secure multi-party computation and fixed precision (share, fix_precision)")
+
+    share = fix_precision = fix_prec = float_precision = float_prec = encrypt = decrypt = _smpc_not_in_course
 
     # -- remote execution ------------------------------------------------------------------------
     def _call_method(self, name: str, args: tuple, kwargs: dict):
@@ -656,16 +783,78 @@ def _module_send(self: torch.nn.Module, location: VirtualWorker) -> torch.nn.Mod
     owner = local_worker()
     module_id = _new_id()
     owner._send_msg(("store", module_id, self), location)
+    _register_away(self, owner, location, module_id)
     for path, submodule in self.named_modules():
-        _AWAY_MODULES[submodule] = (location, module_id, path)
         for name, buffer in submodule._buffers.items():
             if buffer is not None:
                 submodule._buffers[name] = buffer.new_empty(0)
     for name, param in self.named_parameters():
-        _AWAY_PARAMETERS[param] = (location, module_id, name)
         param.grad = None
         param.data = param.data.new_empty(0)
     return self
+
+
+# Remote id of a sent model -> the finalizer that deletes it there if its shell is dropped.
+_MODULE_FINALIZERS: dict[int, weakref.finalize] = {}
+
+
+def _delete_remote_module(owner, location, module_id):
+    _MODULE_FINALIZERS.pop(module_id, None)
+    try:
+        owner._send_msg(("delete", module_id), location)
+    except Exception:  # interpreter shutdown: the workers may already be gone
+        pass
+
+
+def _register_away(module, owner, location, module_id) -> None:
+    """Record that `module` (and its submodules and parameters) now lives at `location`."""
+    for path, submodule in module.named_modules():
+        _AWAY_MODULES[submodule] = (location, module_id, path)
+    for name, param in module.named_parameters():
+        _AWAY_PARAMETERS[param] = (location, module_id, name)
+    # Dropping the shell of a model that is away deletes the model there (garbage collection).
+    _MODULE_FINALIZERS[module_id] = weakref.finalize(module, _delete_remote_module, owner, location, module_id)
+
+
+def _forget_finalizer(module_id) -> None:
+    finalizer = _MODULE_FINALIZERS.pop(module_id, None)
+    if finalizer is not None:
+        finalizer.detach()
+
+
+def _module_move(self: torch.nn.Module, destination: VirtualWorker) -> torch.nn.Module:
+    """Move a sent model straight from its worker to `destination` (PySyft 0.2's ``model.move``).
+
+    The values travel from worker to worker, not through the owner; the local shell now stands
+    for the model at `destination`. A model that is here is simply sent there.
+    """
+    if not isinstance(destination, VirtualWorker):
+        raise TypeError(f"model.move needs a VirtualWorker, got {type(destination).__name__}")
+    away = _AWAY_MODULES.get(self)
+    if away is None:
+        return _module_send(self, destination)
+    location, module_id, path = away
+    if path:
+        raise PointerError(f"this is submodule {path!r} of a model at {location.id}; move the whole model")
+    if destination is location:
+        return self
+    owner = local_worker()
+    new_id = _new_id()
+    owner._send_msg(("move", module_id, destination._address, new_id), location)
+    _forget_finalizer(module_id)
+    _register_away(self, owner, destination, new_id)
+    return self
+
+
+def _module_copy(self: torch.nn.Module) -> torch.nn.Module:
+    """An independent copy of a model that is here (PySyft 0.2's ``model.copy()``)."""
+    away = _AWAY_MODULES.get(self)
+    if away is not None:
+        raise PointerError(f"this model is at {away[0].id}: model.copy() copies a model that is here; "
+                           "call model.get() first")
+    import copy
+
+    return copy.deepcopy(self)
 
 
 def _module_get(self: torch.nn.Module) -> torch.nn.Module:
@@ -676,6 +865,7 @@ def _module_get(self: torch.nn.Module) -> torch.nn.Module:
     if path:
         raise PointerError(f"this is submodule {path!r} of a model at {location.id}; get the whole model")
     remote = local_worker()._send_msg(("get", module_id), location)
+    _forget_finalizer(module_id)
     remote_modules = dict(remote.named_modules())
     for sub_path, submodule in self.named_modules():
         _AWAY_MODULES.pop(submodule, None)
@@ -725,6 +915,36 @@ def _hooked_module_call(original_call):
 
     __call__._fedcourse_hooked = True
     return __call__
+
+
+def _hooked_module_getattr(original_getattr):
+    def __getattr__(self, name):
+        away = _AWAY_MODULES.get(self) if _AWAY_MODULES else None
+        if away is not None:
+            inside = self.__dict__
+            if name in inside.get("_parameters", ()) or name in inside.get("_buffers", ()):
+                # A sent model's parameter (model.weight) is at the model's location: point to it
+                # there, rather than hand out the shell's empty tensor.
+                location, module_id, path = away
+                owner = local_worker()
+                message = ("module_tensor", module_id, f"{path}.{name}" if path else name)
+                return _pointers_from(owner._send_msg(message, location), location, owner)
+        return original_getattr(self, name)
+
+    __getattr__._fedcourse_hooked = True
+    return __getattr__
+
+
+def _hooked_module_state_dict(original_state_dict):
+    def state_dict(self, *args, **kwargs):
+        away = _AWAY_MODULES.get(self) if _AWAY_MODULES else None
+        if away is not None:
+            raise PointerError(f"this model is at {away[0].id}: its values are there, not here. Call "
+                               "model.get() first (or read one tensor through a pointer: model.weight)")
+        return original_state_dict(self, *args, **kwargs)
+
+    state_dict._fedcourse_hooked = True
+    return state_dict
 
 
 def _away_parameters_by_module(params) -> dict:
@@ -791,14 +1011,22 @@ _HOOKED = {"done": False}
 
 
 def _install_hooks(torch_module) -> None:
-    if _HOOKED["done"]:
-        return
+    # The plain methods are (re)attached by every hook, so the newest hook wins (a hook written in
+    # a lesson may have replaced them); the wrappers below are installed once.
     torch_module.Tensor.send = _tensor_send
     torch_module.nn.Module.send = _module_send
     torch_module.nn.Module.get = _module_get
+    torch_module.nn.Module.move = _module_move
+    torch_module.nn.Module.copy = _module_copy
+    if _HOOKED["done"]:
+        return
     module_class = torch_module.nn.Module
     if not getattr(module_class.__call__, "_fedcourse_hooked", False):
         module_class.__call__ = _hooked_module_call(module_class.__call__)
+    if not getattr(module_class.__getattr__, "_fedcourse_hooked", False):
+        module_class.__getattr__ = _hooked_module_getattr(module_class.__getattr__)
+    if not getattr(module_class.state_dict, "_fedcourse_hooked", False):
+        module_class.state_dict = _hooked_module_state_dict(module_class.state_dict)
     if not getattr(module_class.zero_grad, "_fedcourse_hooked", False):
         module_class.zero_grad = _hooked_module_zero_grad(module_class.zero_grad)
     optimizer_class = torch_module.optim.Optimizer

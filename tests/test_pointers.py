@@ -266,7 +266,12 @@ def test_a_sent_model_is_an_empty_shell_until_get(bob):
     model = nn.Linear(3, 2)
     weight = model.weight
     model.send(bob)
-    assert model.weight is weight and model.weight.numel() == 0, "the weights are at bob, not here"
+    assert list(model.parameters())[0] is weight and weight.numel() == 0, "the weights are at bob, not here"
+    remote_weight = model.weight  # as in PySyft 0.2: a sent model's parameter is a pointer to it there
+    assert isinstance(remote_weight, PointerTensor) and remote_weight.location is bob
+    assert remote_weight.shape == (2, 3), "the pointer reaches the real weight, not the shell's empty tensor"
+    with pytest.raises(PointerError, match="at bob.*model.get"):
+        model.state_dict()
     with pytest.raises(PointerLocationError, match="bob"):
         model(torch.ones(1, 3))
     with pytest.raises(PointerError, match="already at bob"):

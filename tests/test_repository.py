@@ -122,6 +122,9 @@ def test_the_package_carries_the_embedded_digits(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for data in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "README.md"):
         assert f"fedcourse/data/mnist-sample/{data}" in names
+    # syft_compat's submodules, which `from syft.federated.floptimizer import ...` becomes
+    assert {"fedcourse/syft_compat/__init__.py", "fedcourse/syft_compat/federated/floptimizer.py",
+            "fedcourse/syft_compat/frameworks/torch/fl/__init__.py", "fedcourse/syft_compat/sandbox.py"} <= names
     # the grader's workflow template, and the measured profiles its time limits come from
     assert {"autograder/templates/grade-class.yml", "autograder/profiles.json", "autograder/guard.py"} <= names
 

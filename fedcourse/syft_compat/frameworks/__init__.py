@@ -1,0 +1,1 @@
+"""``syft.frameworks``: the PyTorch part (``frameworks.torch.fl``)."""

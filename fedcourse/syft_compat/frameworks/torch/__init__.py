@@ -1,0 +1,1 @@
+"""``syft.frameworks.torch``: federated learning tools (``frameworks.torch.fl``)."""

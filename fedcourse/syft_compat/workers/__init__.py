@@ -1,0 +1,1 @@
+"""``syft.workers``: the virtual worker (``workers.virtual.VirtualWorker``)."""
