@@ -397,11 +397,21 @@ def _preload(config, snapshots, class_snapshots):
                     dst.write(src.read())
     import importlib
 
+    modules = []
     for name in config.get("watch", ()):
         try:
-            module = importlib.import_module(name)
+            modules.append((name, importlib.import_module(name)))
         except Exception:
             continue
+    if "torch" in sys.modules:
+        # torch imports its compiler lazily (the first torch.optim step does), and that import
+        # wraps torch.manual_seed: imported now, the wrapper is what the snapshots remember, and
+        # an honest notebook that steps an optimizer changes nothing the tests rely on.
+        try:
+            importlib.import_module("torch._dynamo")
+        except Exception:
+            pass
+    for name, module in modules:
         snapshots.append((name, module, dict(module.__dict__)))
     for qualified in config.get("watch_classes", ()):
         module_name, _, class_name = qualified.rpartition(".")

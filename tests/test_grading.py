@@ -52,6 +52,28 @@ def weighted_average(values, weights):
     if len({tuple(v.shape) for v in values}) > 1:
         raise ValueError("different shapes")
     return sum(float(w) * v.double() for w, v in zip(weights / weights.sum(), values)).float()"""
+# Correct, and checked the student's own way with a torch.optim step: the first step imports
+# torch._dynamo, which wraps torch.manual_seed, a change the guard must expect in every lesson.
+OPTIMIZER = """def weighted_average(values, weights):
+    weights = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if weights.sum() == 0:
+        raise ValueError("the weights sum to zero")
+    if isinstance(values[0], dict):
+        return {k: weighted_average([v[k] for v in values], weights) for k in values[0]}
+    if len({tuple(v.shape) for v in values}) > 1:
+        raise ValueError("different shapes")
+    return sum(float(w) * v.double() for w, v in zip(weights / weights.sum(), values)).float()
+
+
+# my own check: the weighted average minimises the weighted sum of squared distances
+points, mass = [torch.tensor([0.0, 1.0]), torch.tensor([2.0, 5.0])], [1.0, 3.0]
+guess = torch.zeros(2, requires_grad=True)
+optimizer = torch.optim.SGD([guess], lr=0.05)
+for _ in range(300):
+    optimizer.zero_grad()
+    sum(m * ((guess - p) ** 2).sum() for m, p in zip(mass, points)).backward()
+    optimizer.step()
+assert torch.allclose(guess.detach(), weighted_average(points, mass), atol=1e-4)"""
 MEMORY_LIMIT_MIB = 2048
 
 
@@ -136,6 +158,7 @@ def graded_class(tmp_path_factory):
     shutil.copytree(EXAMPLES / "bob", submissions / "bob")
     _put(submissions, "lenient", submission_with(LENIENT))
     _put(submissions, "crashes-late", submission_with(CRASHES_LATE))
+    _put(submissions, "optimizer", submission_with(OPTIMIZER))
     _put(submissions, "badjson", '{"cells": [ this is not json')
     (submissions / "missing" / LESSON00).mkdir(parents=True)
     (submissions / "empty").mkdir()
@@ -201,6 +224,9 @@ def test_honest_students_get_their_exact_grades_among_hostile_ones(graded_class)
     alice, bob = student(graded_class, "alice"), student(graded_class, "bob")
     assert (alice["total"], alice["max_total"]) == (5, 5)
     assert (bob["total"], bob["max_total"]) == (BOB_SCORE, 5)
+    optimizer = only_notebook(student(graded_class, "optimizer"))
+    assert (optimizer["score"], optimizer["errors"], optimizer["review"]) == (5, [], []), \
+        "a correct answer that steps a torch.optim optimizer keeps every point"
     for data in (alice, bob):
         nb = only_notebook(data)
         assert nb["errors"] == [] and nb["review"] == [], nb
