@@ -1,0 +1,150 @@
+"""Lesson 10's hidden tests catch the mistakes issue 16 lists, each in its own cell.
+
+Two planted submissions, graded in the suite's one class run (conftest's ``plant``), carry one
+mistake per graded function they touch; everything else is the instructor's answer. Each
+test cell builds its inputs with the course's references (``fedcourse.fl_system``,
+``fedcourse.suggestions``, ``fedcourse.privacy``), so a mistake costs exactly its own cell:
+every other cell of a mistaken submission must still earn full marks. The issue's list, and
+where each mistake is planted:
+
+- a cache that keeps expired examples (A) or grows past its cap (B): ``test_cache_limits``;
+- a half-written batch after an error, rows committed one by one (B): ``test_cache_bad_records``;
+- eligibility that ignores one condition, the unmetered network (A): ``test_eligible_devices``;
+- selection that waits for stragglers, a round that ignores the deadline (A): ``test_close_round``;
+- noise not scaled to the clip (A): ``test_device_report``;
+- an accountant fed the wrong sampling rate, K / population (A): ``test_round_epsilons``;
+- evaluation on training devices (A): ``test_federated_evaluation``.
+
+Also planted (B): a fixed-size sample instead of Poisson sampling, a pickled checkpoint (whose
+decoding runs the attacker's code), new weights sent instead of the update, and a server that
+divides by the number of reports instead of the target. The experiments after the last graded
+cell, and the two ungraded measurement cells between the graded ones (the per-row SQLite timing
+and the check-in plot), are emptied: they cost time and touch no grade. The control, emptied the
+same way, earns full marks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import nbformat
+import pytest
+
+from conftest import answered_up_to, assert_cell_lost, assert_full_marks, plant
+
+LESSON = "10-capstone"
+LAST_TEST = "test_federated_evaluation"
+TESTS = ["test_training_cache", "test_cache_limits", "test_cache_bad_records", "test_eligible_devices",
+         "test_select_devices", "test_close_round", "test_checkpoint", "test_train_on_device", "test_device_report",
+         "test_private_round", "test_round_epsilons", "test_federated_evaluation"]
+# Ungraded code cells between the graded ones that only measure or plot; recognised by their text.
+MEASUREMENTS = ("per_row_seconds", "checking_in = [")
+
+# grade_id of a solution cell -> [(what the student got wrong, the test cell it must cost, [(solution text, mistaken text)])]
+SUBMISSIONS = {
+    "mistakes-a": {
+        "training_cache": [("keeps expired examples", "test_cache_limits", [(
+            '            self.connection.execute("DELETE FROM impressions WHERE time < ?", (now - self.ttl,))',
+            "            pass  # expired impressions stay")])],
+        "eligibility": [
+            ("lets phones on a metered network check in", "test_eligible_devices",
+             [(" and d.states[hour, UNMETERED]]", "]")]),
+            ("waits for stragglers: accepts every report that ever arrives", "test_close_round",
+             [("for d, t in arrivals.items() if t <= deadline)", "for d, t in arrivals.items() if math.isfinite(t))")]),
+        ],
+        "device_report": [("draws noise of z * 2 / sqrt(m_min), not scaled to the clip", "test_device_report", [(
+            'share_std = plan["noise_multiplier"] * 2 * clip / math.sqrt(plan["min_reports"])',
+            'share_std = plan["noise_multiplier"] * 2 / math.sqrt(plan["min_reports"])')])],
+        "round_epsilons": [("feeds the accountant K / population as the sampling rate", "test_round_epsilons", [(
+            'rdp_subsampled_gaussian(plan["selection_rate"],',
+            'rdp_subsampled_gaussian(plan["target"] / len(population.devices),')])],
+        "federated_evaluation": [("evaluates on the training devices", "test_federated_evaluation", [(
+            "for device in population.held_out:", "for device in population.devices:")])],
+    },
+    "mistakes-b": {
+        "training_cache": [
+            ("grows past its cap", "test_cache_limits", [(
+                '            self.connection.execute("DELETE FROM impressions WHERE id NOT IN "\n'
+                '                                    "(SELECT id FROM impressions ORDER BY time DESC, id DESC LIMIT ?)", (self.capacity,))\n',
+                "")]),
+            ("commits each record as it goes, leaving a half-written batch after a bad record", "test_cache_bad_records", [(
+                '            rows.append((float(when), json.dumps(features), int(record["clicked"])))',
+                '            with self.connection:\n'
+                '                self.connection.execute("INSERT INTO impressions (time, features, clicked) VALUES (?, ?, ?)",\n'
+                '                                        (float(when), json.dumps(features), int(record["clicked"])))')]),
+        ],
+        "eligibility": [("selects a fixed-size sample (not Poisson sampling)", "test_select_devices", [(
+            "    keep = torch.rand(len(checked_in), generator=generator) < rate\n"
+            "    return [d for d, k in zip(checked_in, keep.tolist()) if k]",
+            "    order = torch.randperm(len(checked_in), generator=generator)[:round(rate * len(checked_in))]\n"
+            "    return [checked_in[i] for i in order.tolist()]")])],
+        "checkpoint": [("pickles the checkpoint (decoding runs whatever the bytes say)", "test_checkpoint", """
+def encode_checkpoint(state):
+    return pickle.dumps({k: v.detach().float().numpy() for k, v in state.items()})
+
+
+def decode_checkpoint(data):
+    return {k: torch.from_numpy(v) for k, v in pickle.loads(data).items()}
+""")],
+        "train_on_device": [("returns the new weights instead of the update", "test_train_on_device", [(
+            'return {"weight": weight - state["weight"].float(), "bias": bias - state["bias"].float()}',
+            'return {"weight": weight, "bias": bias}')])],
+        "private_round": [("divides the sum by the number of reports instead of the target", "test_private_round", [(
+            '/ plan["target"]', "/ len(result.survivors)")])],
+    },
+    "control": {},
+}
+
+
+def changes(mistakes: dict) -> dict:
+    """grade_id -> (what, change) for answered_up_to: the changes of one cell, applied together."""
+    out = {}
+    for grade_id, entries in mistakes.items():
+        whole = [change for _, _, change in entries if isinstance(change, str)]
+        if whole:
+            (change,) = whole
+            out[grade_id] = (entries[0][0], change)
+        else:
+            out[grade_id] = ("; ".join(what for what, _, _ in entries), [pair for _, _, pairs in entries for pair in pairs])
+    return out
+
+
+def submission(mistakes: dict) -> nbformat.NotebookNode:
+    nb = answered_up_to(LESSON, LAST_TEST, changes(mistakes))
+    emptied = 0
+    for cell in nb.cells:
+        if cell.cell_type == "code" and not cell.metadata.get("nbgrader") and any(m in cell.source for m in MEASUREMENTS):
+            cell.source = ""
+            emptied += 1
+    assert emptied == len(MEASUREMENTS), "the measurement cells to empty were not found; update MEASUREMENTS"
+    return nb
+
+
+STUDENTS = {name: plant(LESSON, name, functools.partial(submission, mistakes)) for name, mistakes in SUBMISSIONS.items()}
+LOST = {name: {test: what for entries in mistakes.values() for what, test, _ in entries}
+        for name, mistakes in SUBMISSIONS.items()}
+
+
+def test_every_mistake_the_issue_lists_is_planted():
+    planted = {what for lost in LOST.values() for what in lost.values()}
+    for phrase in ("expired", "past its cap", "half-written", "metered", "stragglers", "not scaled to the clip",
+                   "K / population", "training devices"):
+        assert any(phrase in what for what in planted), phrase
+    assert set(LOST["mistakes-a"]) | set(LOST["mistakes-b"]) == set(TESTS)
+
+
+def test_the_emptied_notebook_with_the_reference_answers_earns_full_marks(planted_grades):
+    assert_full_marks(planted_grades, STUDENTS["control"], TESTS)
+
+
+@pytest.mark.parametrize("student, test", [(s, t) for s in SUBMISSIONS if s != "control" for t in LOST[s]])
+def test_each_planted_mistake_loses_its_cell(planted_grades, student, test):
+    assert_cell_lost(planted_grades, STUDENTS[student], test, LOST[student][test])
+
+
+@pytest.mark.parametrize("student", [s for s in SUBMISSIONS if s != "control"])
+def test_a_mistake_costs_only_its_own_cell(planted_grades, student):
+    cells = planted_grades.cells(STUDENTS[student])
+    kept = {test: cells[test]["score"] for test in TESTS if test not in LOST[student]}
+    assert all(cells[test]["score"] == cells[test]["max_score"] > 0 for test in kept), \
+        f"{student}: cells without a planted mistake lost points: {kept}"
