@@ -354,6 +354,7 @@ class RoundLog:
     dropped: int  # selected, never reported
     stragglers: int  # reported after the deadline or after the round closed
     abandoned: bool
+    accepted: list[int] = field(default_factory=list)  # ids of the devices whose report counted
     bytes_sent: list[int] = field(default_factory=list)  # by each device whose report counted
     masked_example: np.ndarray | None = None  # one masked input, as the server received it
     noised_sum: np.ndarray | None = None
@@ -413,6 +414,7 @@ def simulate(population: Population, caches: Mapping, plan: Mapping, rounds: int
         log = RoundLog(hour, len(checked_in), len(selected), len(accepted), int(dropped.sum()),
                        sum(1 for d, t in arrivals.items() if math.isfinite(t) and d not in accepted), not accepted)
         if accepted:
+            log.accepted = list(accepted)
             checkpoint = parts.encode_checkpoint(state)
             plan_received = plan_from_bytes(plan_bytes)
             updates, sizes = [], []

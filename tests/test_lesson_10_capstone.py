@@ -130,7 +130,8 @@ def test_every_mistake_the_issue_lists_is_planted():
     for phrase in ("expired", "past its cap", "half-written", "metered", "stragglers", "not scaled to the clip",
                    "K / population", "training devices"):
         assert any(phrase in what for what in planted), phrase
-    assert set(LOST["mistakes-a"]) | set(LOST["mistakes-b"]) == set(TESTS)
+    # every graded cell but the basic round trip of the cache (test_training_cache) loses a planted mistake
+    assert set(LOST["mistakes-a"]) | set(LOST["mistakes-b"]) == set(TESTS) - {"test_training_cache"}
 
 
 def test_the_emptied_notebook_with_the_reference_answers_earns_full_marks(planted_grades):
