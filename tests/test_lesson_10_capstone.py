@@ -87,8 +87,8 @@ def decode_checkpoint(data):
     return {k: torch.from_numpy(v) for k, v in pickle.loads(data).items()}
 """)],
         "train_on_device": [("returns the new weights instead of the update", "test_train_on_device", [(
-            'return {"weight": weight - state["weight"].float(), "bias": bias - state["bias"].float()}',
-            'return {"weight": weight, "bias": bias}')])],
+            'return {"weight": (weight - state["weight"]).detach(), "bias": (bias - state["bias"]).detach()}',
+            'return {"weight": weight.detach(), "bias": bias.detach()}')])],
         "private_round": [("divides the sum by the number of reports instead of the target", "test_private_round", [(
             '/ plan["target"]', "/ len(result.survivors)")])],
     },
