@@ -123,14 +123,14 @@ def _device(device_id: int, rng: np.random.Generator) -> Device:
 def make_population(num_devices: int = 400, num_held_out: int = 100, seed: int = 0) -> Population:
     """``num_devices`` training devices (ids 0, 1, ...) and ``num_held_out`` held-out devices
     (ids from ``num_devices`` on), every one drawn from its own seeded stream: the same seed
-    gives the same population, and a bigger population keeps the first devices' data."""
+    gives the same population, and a bigger population keeps the first devices' data; the
+    held-out devices do not depend on ``num_devices``, so evaluations compare across sizes."""
     if num_devices < 1 or num_held_out < 1:
         raise ValueError("need at least one training and one held-out device")
-    base = np.random.SeedSequence(seed)
-    streams = base.spawn(num_devices + num_held_out)
-    devices = [_device(i, np.random.default_rng(streams[i])) for i in range(num_devices)]
-    held_out = [_device(num_devices + j, np.random.default_rng(streams[num_devices + j]))
-                for j in range(num_held_out)]
+    training, evaluation = np.random.SeedSequence(seed).spawn(2)
+    devices = [_device(i, np.random.default_rng(stream)) for i, stream in enumerate(training.spawn(num_devices))]
+    held_out = [_device(num_devices + j, np.random.default_rng(stream))
+                for j, stream in enumerate(evaluation.spawn(num_held_out))]
     return Population(devices, held_out, seed)
 
 

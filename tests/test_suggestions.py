@@ -15,6 +15,7 @@ def test_the_same_seed_gives_the_same_population_and_a_bigger_one_keeps_the_firs
     assert all(np.array_equal(x.states, y.states) for x, y in zip(a.devices, b.devices))
     bigger = s.make_population(40, 5, seed=3)
     assert [d.impressions for d in bigger.devices[:20]] == [d.impressions for d in a.devices]
+    assert [d.impressions for d in bigger.held_out] == [d.impressions for d in a.held_out]
     other = s.make_population(20, 5, seed=4)
     assert [d.impressions for d in other.devices] != [d.impressions for d in a.devices]
 
