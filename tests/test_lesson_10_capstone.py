@@ -20,7 +20,8 @@ decoding runs the attacker's code), new weights sent instead of the update, and 
 divides by the number of reports instead of the target. The experiments after the last graded
 cell, and the two ungraded measurement cells between the graded ones (the per-row SQLite timing
 and the check-in plot), are emptied: they cost time and touch no grade. The control, emptied the
-same way, earns full marks.
+same way, earns full marks, and so does a second control whose every graded function is written
+differently from the instructor's.
 """
 
 from __future__ import annotations
@@ -96,6 +97,143 @@ def decode_checkpoint(data):
 }
 
 
+# A second control: every graded function written differently from the instructor's (five REAL
+# columns, a cap by rowid, explicit BEGIN/ROLLBACK, numpy's .npz checkpoints, autograd with an
+# optimizer, torch.normal noise, compute_epsilon), as a strong student might from the lesson's
+# text. It must earn full marks too.
+ALTERNATIVE = {
+"training_cache": ("alt", '''
+class TrainingCache:
+    def __init__(self, path, ttl, capacity):
+        self.ttl, self.capacity = ttl, capacity
+        self.connection = sqlite3.connect(str(path))
+        self.connection.execute("CREATE TABLE IF NOT EXISTS impressions (time REAL, f0 REAL, f1 REAL, f2 REAL, f3 REAL, f4 REAL, clicked INTEGER)")
+        self.connection.commit()
+
+    @staticmethod
+    def _row(r):
+        if not isinstance(r, dict) or sorted(r) != ["clicked", "features", "time"]:
+            raise ValueError("bad record")
+        try:
+            f = np.asarray(r["features"], dtype=float)
+        except (TypeError, ValueError):
+            raise ValueError("features must be numbers")
+        if f.shape != (5,) or not np.isfinite(f).all():
+            raise ValueError("features must be 5 finite numbers")
+        if r["clicked"] not in (True, False):
+            raise ValueError("clicked must be a bool")
+        try:
+            t = float(r["time"])
+        except (TypeError, ValueError):
+            raise ValueError("time must be a number")
+        if not math.isfinite(t):
+            raise ValueError("time must be finite")
+        return (t, *f.tolist(), int(r["clicked"]))
+
+    def log(self, impressions):
+        rows = [self._row(r) for r in impressions]
+        cur = self.connection.cursor()
+        try:
+            cur.execute("BEGIN")
+            cur.executemany("INSERT INTO impressions VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            cur.execute("DELETE FROM impressions WHERE rowid IN (SELECT rowid FROM impressions ORDER BY time DESC LIMIT -1 OFFSET ?)", (self.capacity,))
+            self.connection.commit()
+        except Exception:
+            self.connection.rollback()
+            raise
+
+    def examples(self, now):
+        self.connection.execute("DELETE FROM impressions WHERE time < ?", (now - self.ttl,))
+        self.connection.commit()
+        rows = self.connection.execute("SELECT f0, f1, f2, f3, f4, clicked FROM impressions").fetchall()
+        a = np.array(rows, dtype=np.float32).reshape(-1, 6)
+        return torch.from_numpy(a[:, :5].copy()), torch.from_numpy(a[:, 5].copy())
+
+    def close(self):
+        self.connection.close()
+'''),
+"eligibility": ("alt", '''
+def eligible_devices(devices, hour):
+    return [d.device_id for d in devices if d.states[hour].all()]
+
+
+def select_devices(checked_in, rate, generator):
+    coins = torch.bernoulli(torch.full((len(checked_in),), float(rate)), generator=generator)
+    return [checked_in[i] for i in torch.nonzero(coins).flatten().tolist()]
+
+
+def close_round(arrivals, target, deadline, min_reports):
+    order = sorted(arrivals, key=arrivals.get)
+    accepted = []
+    for d in order:
+        if arrivals[d] > deadline or len(accepted) == target:
+            break
+        accepted.append(d)
+    if len(accepted) < min_reports:
+        return []
+    return accepted
+'''),
+"checkpoint": ("alt", '''
+import io, zipfile
+
+def encode_checkpoint(state):
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: v.detach().numpy().astype(np.float32) for k, v in state.items()})
+    return buffer.getvalue()
+
+
+def decode_checkpoint(data):
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            return {k: torch.from_numpy(arrays[k].astype(np.float32)) for k in arrays.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
+        raise ValueError(f"not a checkpoint: {error}") from None
+'''),
+"train_on_device": ("alt", '''
+def train_on_device(plan, state, features, labels):
+    w = state["weight"].clone().requires_grad_(True)
+    b = state["bias"].clone().requires_grad_(True)
+    if len(labels):
+        opt = torch.optim.SGD([w, b], lr=plan["learning_rate"])
+        for _ in range(plan["local_steps"]):
+            opt.zero_grad()
+            torch.nn.functional.binary_cross_entropy(click_probability({"weight": w, "bias": b}, features), labels).backward()
+            opt.step()
+    return {"weight": (w - state["weight"]).detach(), "bias": (b - state["bias"]).detach()}
+'''),
+"device_report": ("alt", '''
+def device_report(update, plan, generator):
+    u = torch.as_tensor(update).double()
+    C = plan["clip"]
+    u = u / max(1.0, u.norm().item() / C)
+    sigma = plan["noise_multiplier"] * 2 * C
+    return u + torch.normal(0.0, sigma / plan["min_reports"] ** 0.5, size=u.shape, generator=generator, dtype=torch.float64)
+'''),
+"private_round": ("alt", '''
+def private_round(global_state, updates, plan, generator, rng, drop_at=None):
+    reports = [device_report(u, plan, generator).numpy() for u in updates]
+    sigma = plan["noise_multiplier"] * 2 * plan["clip"]
+    out = secure_sum(reports, clip=plan["clip"] + 8 * sigma / math.sqrt(plan["min_reports"]), value_bits=plan["value_bits"], drop_at=drop_at, rng=rng)
+    vec = flatten_update(global_state) + torch.from_numpy(out.total) / plan["target"]
+    return unflatten_update(vec), out
+'''),
+"round_epsilons": ("alt", '''
+def round_epsilons(plan, rounds, delta):
+    return [compute_epsilon(plan["selection_rate"], plan["noise_multiplier"], t, delta) for t in range(1, rounds + 1)]
+'''),
+"federated_evaluation": ("alt", '''
+def federated_evaluation(state, population, threshold):
+    counts = np.zeros(4)
+    for device in population.held_out:
+        x, y = as_tensors(device.impressions)
+        shown = (click_probability(state, x) >= threshold).float()
+        counts += [len(y), y.sum().item(), shown.sum().item(), (shown * y).sum().item()]
+    n, clicks, shown, hits = counts
+    return {"baseline_ctr": clicks / n, "model_ctr": hits / shown if shown else 0.0, "clicks_kept": hits / clicks, "shown_fraction": shown / n}
+'''),
+}
+
+
 def changes(mistakes: dict) -> dict:
     """grade_id -> (what, change) for answered_up_to: the changes of one cell, applied together."""
     out = {}
@@ -121,6 +259,8 @@ def submission(mistakes: dict) -> nbformat.NotebookNode:
 
 
 STUDENTS = {name: plant(LESSON, name, functools.partial(submission, mistakes)) for name, mistakes in SUBMISSIONS.items()}
+ALTERNATIVE_STUDENT = plant(LESSON, "alternative", functools.partial(
+    submission, {grade_id: [("written another way", None, answer.strip("\n"))] for grade_id, (_, answer) in ALTERNATIVE.items()}))
 LOST = {name: {test: what for entries in mistakes.values() for what, test, _ in entries}
         for name, mistakes in SUBMISSIONS.items()}
 
@@ -136,6 +276,10 @@ def test_every_mistake_the_issue_lists_is_planted():
 
 def test_the_emptied_notebook_with_the_reference_answers_earns_full_marks(planted_grades):
     assert_full_marks(planted_grades, STUDENTS["control"], TESTS)
+
+
+def test_another_correct_implementation_earns_full_marks(planted_grades):
+    assert_full_marks(planted_grades, ALTERNATIVE_STUDENT, TESTS)
 
 
 @pytest.mark.parametrize("student, test", [(s, t) for s in SUBMISSIONS if s != "control" for t in LOST[s]])
