@@ -102,7 +102,7 @@ def decode_checkpoint(data):
 # optimizer, torch.normal noise, compute_epsilon), as a strong student might from the lesson's
 # text. It must earn full marks too.
 ALTERNATIVE = {
-"training_cache": ("alt", '''
+    "training_cache": ("alt", '''
 class TrainingCache:
     def __init__(self, path, ttl, capacity):
         self.ttl, self.capacity = ttl, capacity
@@ -151,8 +151,8 @@ class TrainingCache:
 
     def close(self):
         self.connection.close()
-'''),
-"eligibility": ("alt", '''
+    '''),
+    "eligibility": ("alt", '''
 def eligible_devices(devices, hour):
     return [d.device_id for d in devices if d.states[hour].all()]
 
@@ -172,8 +172,8 @@ def close_round(arrivals, target, deadline, min_reports):
     if len(accepted) < min_reports:
         return []
     return accepted
-'''),
-"checkpoint": ("alt", '''
+    '''),
+    "checkpoint": ("alt", '''
 import io, zipfile
 
 def encode_checkpoint(state):
@@ -188,8 +188,8 @@ def decode_checkpoint(data):
             return {k: torch.from_numpy(arrays[k].astype(np.float32)) for k in arrays.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
         raise ValueError(f"not a checkpoint: {error}") from None
-'''),
-"train_on_device": ("alt", '''
+    '''),
+    "train_on_device": ("alt", '''
 def train_on_device(plan, state, features, labels):
     w = state["weight"].clone().requires_grad_(True)
     b = state["bias"].clone().requires_grad_(True)
@@ -200,28 +200,28 @@ def train_on_device(plan, state, features, labels):
             torch.nn.functional.binary_cross_entropy(click_probability({"weight": w, "bias": b}, features), labels).backward()
             opt.step()
     return {"weight": (w - state["weight"]).detach(), "bias": (b - state["bias"]).detach()}
-'''),
-"device_report": ("alt", '''
+    '''),
+    "device_report": ("alt", '''
 def device_report(update, plan, generator):
     u = torch.as_tensor(update).double()
     C = plan["clip"]
     u = u / max(1.0, u.norm().item() / C)
     sigma = plan["noise_multiplier"] * 2 * C
     return u + torch.normal(0.0, sigma / plan["min_reports"] ** 0.5, size=u.shape, generator=generator, dtype=torch.float64)
-'''),
-"private_round": ("alt", '''
+    '''),
+    "private_round": ("alt", '''
 def private_round(global_state, updates, plan, generator, rng, drop_at=None):
     reports = [device_report(u, plan, generator).numpy() for u in updates]
     sigma = plan["noise_multiplier"] * 2 * plan["clip"]
     out = secure_sum(reports, clip=plan["clip"] + 8 * sigma / math.sqrt(plan["min_reports"]), value_bits=plan["value_bits"], drop_at=drop_at, rng=rng)
     vec = flatten_update(global_state) + torch.from_numpy(out.total) / plan["target"]
     return unflatten_update(vec), out
-'''),
-"round_epsilons": ("alt", '''
+    '''),
+    "round_epsilons": ("alt", '''
 def round_epsilons(plan, rounds, delta):
     return [compute_epsilon(plan["selection_rate"], plan["noise_multiplier"], t, delta) for t in range(1, rounds + 1)]
-'''),
-"federated_evaluation": ("alt", '''
+    '''),
+    "federated_evaluation": ("alt", '''
 def federated_evaluation(state, population, threshold):
     counts = np.zeros(4)
     for device in population.held_out:
@@ -230,7 +230,7 @@ def federated_evaluation(state, population, threshold):
         counts += [len(y), y.sum().item(), shown.sum().item(), (shown * y).sum().item()]
     n, clicks, shown, hits = counts
     return {"baseline_ctr": clicks / n, "model_ctr": hits / shown if shown else 0.0, "clicks_kept": hits / clicks, "shown_fraction": shown / n}
-'''),
+    '''),
 }
 
 
