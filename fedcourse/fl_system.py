@@ -20,8 +20,9 @@ al. 2018 for the query-suggestion case; McMahan et al. 2018 for DP-FedAvg):
   cache and returns its update (new weights minus the checkpoint's), sent as a checkpoint.
 - **A private round** (``device_report``, ``private_round``): each device clips its update to
   norm C and adds its share N(0, sigma^2 / m_min) of the noise, sigma = z * 2C; secure
-  aggregation (``fedcourse.secagg.secure_sum``) gives the server the noised sum only; the server
-  divides by the target K. ``round_epsilons``: the accountant of lesson 08 fed the plan's q.
+  aggregation (``fedcourse.secagg.secure_sum``, with a Shamir threshold of at least m_min, so
+  that no sum of fewer than m_min reports is ever unmasked: the round is abandoned instead)
+  gives the server the noised sum only; the server divides by the target K. ``round_epsilons``: the accountant of lesson 08 fed the plan's q.
 - **Federated evaluation** (``federated_evaluation``): held-out devices count impressions,
   clicks, suggestions the model would show and clicks among them; the server adds the counts.
 - **The driver** (``simulate``): rounds over the night, with dropouts and stragglers, for the
@@ -49,7 +50,7 @@ import torch
 
 from fedcourse.checks import toolbox
 from fedcourse.privacy import compute_epsilon
-from fedcourse.secagg import secure_sum
+from fedcourse.secagg import ProtocolAborted, majority_threshold, secure_sum
 from fedcourse.suggestions import (CHARGING, IDLE, NOW, NUM_FEATURES, UNMETERED, Population, as_tensors,
                                    click_probability, initial_state)
 
@@ -291,10 +292,14 @@ def private_round(global_state: Mapping[str, torch.Tensor], updates: Sequence[to
                   generator: torch.Generator, rng: random.Random, drop_at: Mapping[int, str] | None = None):
     """One private round: device reports, secure aggregation, new global state.
 
-    Returns (new state, the ``SecureSum`` the server ran)."""
+    Secure aggregation's threshold is at least ``plan['min_reports']`` (and a majority of the
+    phones, lesson 07's default): a sum of fewer than m_min reports, whose noise would be too
+    small, is never unmasked; ``secure_sum`` raises ``ProtocolAborted`` instead, and the round
+    is abandoned. Returns (new state, the ``SecureSum`` the server ran)."""
     reports = [device_report(u, plan, generator) for u in updates]
+    threshold = max(int(plan["min_reports"]), majority_threshold(len(updates)))
     result = secure_sum([r.numpy() for r in reports], clip=encoding_bound(plan), value_bits=plan["value_bits"],
-                        drop_at=drop_at, rng=rng)
+                        threshold=threshold, drop_at=drop_at, rng=rng)
     new = flatten_update(global_state) + torch.as_tensor(result.total) / plan["target"]
     return unflatten_update(new), result
 
@@ -390,7 +395,8 @@ def simulate(population: Population, caches: Mapping, plan: Mapping, rounds: int
     selects with the plan's rate, sends plan and checkpoint; a selected device drops with
     probability ``dropout``, else reports after a random time (lognormal, median 4 minutes);
     the server closes the round (target or deadline) and aggregates: privately (clip, noise
-    shares, secure aggregation) or, with ``private=False``, as plain FedAvg (mean of the raw
+    shares, secure aggregation; a round whose secure aggregation aborts, ``ProtocolAborted``,
+    is abandoned and changes nothing) or, with ``private=False``, as plain FedAvg (mean of the raw
     updates, no secure aggregation)."""
     from tqdm.auto import tqdm
 
@@ -430,9 +436,13 @@ def simulate(population: Population, caches: Mapping, plan: Mapping, rounds: int
                 lost = [d for d in selected if not math.isfinite(arrivals[d])][:max(0, len(accepted) // 3)]
                 padded = updates + [torch.zeros_like(updates[0]) for _ in lost]
                 drop_at = {len(updates) + i: "masked_input" for i in range(len(lost))}
-                state, result = parts.private_round(state, padded, plan, noise_generator, rng, drop_at)
-                log.bytes_sent = [result.clients[i].bytes_sent for i in result.survivors]
-                log.noised_sum = np.asarray(result.total)
+                try:
+                    state, result = parts.private_round(state, padded, plan, noise_generator, rng, drop_at)
+                except ProtocolAborted:  # too few survived secure aggregation: nothing is released
+                    log.abandoned, log.accepted, log.reports = True, [], 0
+                else:
+                    log.bytes_sent = [result.clients[i].bytes_sent for i in result.survivors]
+                    log.noised_sum = np.asarray(result.total)
             else:
                 mean = torch.stack(updates).mean(dim=0)
                 state = unflatten_update(flatten_update(state) + mean)

@@ -13,6 +13,7 @@ import torch
 
 from fedcourse import fl_system as fl
 from fedcourse.privacy import clip_update, compute_epsilon
+from fedcourse.secagg import ProtocolAborted
 from fedcourse.suggestions import Device, NOW, initial_state, make_population
 
 
@@ -165,7 +166,7 @@ def test_a_private_round_without_noise_is_the_clipped_sum_over_the_target_and_su
     g = torch.Generator().manual_seed(2)
     state = {"weight": torch.randn(5, generator=g), "bias": torch.randn(1, generator=g)}
     updates = [torch.randn(6, generator=g, dtype=torch.float64) for _ in range(6)]
-    plan = fl.make_plan(clip=0.8, noise_multiplier=0.0, target=8)
+    plan = fl.make_plan(clip=0.8, noise_multiplier=0.0, target=8, min_reports=4)
     new, result = fl.private_round(state, updates, plan, torch.Generator(), random.Random(0), {5: "masked_input"})
     expected = fl.flatten_update(state) + sum(clip_update({"u": u}, 0.8)["u"] for u in updates[:5]) / 8
     assert result.survivors == [0, 1, 2, 3, 4]
@@ -181,6 +182,35 @@ def test_the_noise_in_the_secure_sum_has_the_planned_variance():
         totals.append(result.total)
     # four shares of variance (z 2C)^2 / m_min = 1 / 4: the sum has variance 1, sigma^2 exactly (m = m_min)
     assert np.std(np.concatenate(totals)) == pytest.approx(1.0, rel=0.15)
+
+
+def test_a_private_round_never_unmasks_a_sum_of_fewer_than_min_reports():
+    plan = fl.make_plan(clip=0.5, noise_multiplier=1.0, min_reports=15, target=25)
+    updates = [torch.full((6,), 0.01 * i, dtype=torch.float64) for i in range(25)]
+    # 12 of 25 drop after sending their keys: 13 survive, a majority, but fewer than m_min = 15
+    with pytest.raises(ProtocolAborted):
+        fl.private_round(initial_state(), updates, plan, torch.Generator().manual_seed(0), random.Random(0),
+                         {i: "masked_input" for i in range(12)})
+    _, result = fl.private_round(initial_state(), updates, plan, torch.Generator().manual_seed(0), random.Random(0),
+                                 {i: "masked_input" for i in range(10)})
+    assert result.survivors == list(range(10, 25))
+
+
+def test_the_driver_abandons_a_round_whose_secure_aggregation_aborts(tmp_path):
+    population = make_population(60, 5, seed=0)
+    plan = fl.make_plan(target=8, min_reports=4, expected_check_ins=28.0)
+    caches = fl.build_caches(population, tmp_path, plan)
+
+    calls = []
+
+    def aborting(*args, **kwargs):
+        calls.append(1)
+        raise ProtocolAborted("too few survivors")
+
+    run = fl.simulate(population, caches, plan, 4, private=True, seed=0, parts=fl.Parts(private_round=aborting))
+    assert calls  # rounds closed with enough reports, then secure aggregation aborted
+    assert all(r.abandoned and r.reports == 0 and not r.accepted for r in run.rounds)
+    assert all(torch.equal(s[k], initial_state()[k]) for s in run.states for k in s)
 
 
 def test_round_epsilons_compose_the_subsampled_gaussian_at_the_plans_rate():
