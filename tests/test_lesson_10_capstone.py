@@ -15,9 +15,12 @@ where each mistake is planted:
 - an accountant fed the wrong sampling rate, K / population (A): ``test_round_epsilons``;
 - evaluation on training devices (A): ``test_federated_evaluation``.
 
-Also planted (B): a fixed-size sample instead of Poisson sampling, a pickled checkpoint (whose
-decoding runs the attacker's code), new weights sent instead of the update, and a server that
-divides by the number of reports instead of the target. The experiments after the last graded
+Also planted (B): a fixed-size sample instead of Poisson sampling, a report at the deadline
+refused, a pickled checkpoint (whose decoding runs the attacker's code), new weights sent
+instead of the update, a float32 report, and a server that divides by the number of reports
+instead of the target; (A): NaN for an empty cache, and secure aggregation left at its default
+(majority) threshold, which unmasks a sum of fewer than m_min reports. test_private_round runs
+with the course's device_report swapped in, so a device_report mistake costs its own cell only. The experiments after the last graded
 cell, and the two ungraded measurement cells between the graded ones (the per-row SQLite timing
 and the check-in plot), are emptied: they cost time and touch no grade. The control, emptied the
 same way, earns full marks, and so does a second control whose every graded function is written
@@ -53,9 +56,13 @@ SUBMISSIONS = {
             ("waits for stragglers: accepts every report that ever arrives", "test_close_round",
              [("for d, t in arrivals.items() if t <= deadline)", "for d, t in arrivals.items() if math.isfinite(t))")]),
         ],
+        "train_on_device": [("returns NaN, not a zero update, for an empty cache", "test_train_on_device", [(
+            "    if len(labels) > 0:\n", "    if True:\n")])],
         "device_report": [("draws noise of z * 2 / sqrt(m_min), not scaled to the clip", "test_device_report", [(
             'share_std = plan["noise_multiplier"] * 2 * clip / math.sqrt(plan["min_reports"])',
             'share_std = plan["noise_multiplier"] * 2 / math.sqrt(plan["min_reports"])')])],
+        "private_round": [("lets secure aggregation unmask a sum of fewer than m_min reports (its default threshold)",
+                           "test_private_round", [(" threshold=threshold,", "")])],
         "round_epsilons": [("feeds the accountant K / population as the sampling rate", "test_round_epsilons", [(
             'rdp_subsampled_gaussian(plan["selection_rate"],',
             'rdp_subsampled_gaussian(plan["target"] / len(population.devices),')])],
@@ -74,11 +81,18 @@ SUBMISSIONS = {
                 '                self.connection.execute("INSERT INTO impressions (time, features, clicked) VALUES (?, ?, ?)",\n'
                 '                                        (float(when), json.dumps(features), int(record["clicked"])))')]),
         ],
-        "eligibility": [("selects a fixed-size sample (not Poisson sampling)", "test_select_devices", [(
-            "    keep = torch.rand(len(checked_in), generator=generator) < rate\n"
-            "    return [d for d, k in zip(checked_in, keep.tolist()) if k]",
-            "    order = torch.randperm(len(checked_in), generator=generator)[:round(rate * len(checked_in))]\n"
-            "    return [checked_in[i] for i in order.tolist()]")])],
+        "eligibility": [
+            ("selects a fixed-size sample (not Poisson sampling)", "test_select_devices", [(
+                "    keep = torch.rand(len(checked_in), generator=generator) < rate\n"
+                "    return [d for d, k in zip(checked_in, keep.tolist()) if k]",
+                "    order = torch.randperm(len(checked_in), generator=generator)[:round(rate * len(checked_in))]\n"
+                "    return [checked_in[i] for i in order.tolist()]")]),
+            ("refuses a report that arrives exactly at the deadline", "test_close_round",
+             [("for d, t in arrivals.items() if t <= deadline)", "for d, t in arrivals.items() if t < deadline)")]),
+        ],
+        "device_report": [("returns a float32 report, not float64", "test_device_report", [(
+            "    return clipped + share_std * torch.randn(update.shape, generator=generator, dtype=torch.float64)",
+            "    return (clipped + share_std * torch.randn(update.shape, generator=generator, dtype=torch.float64)).float()")])],
         "checkpoint": [("pickles the checkpoint (decoding runs whatever the bytes say)", "test_checkpoint", """
 def encode_checkpoint(state):
     return pickle.dumps({k: v.detach().float().numpy() for k, v in state.items()})
@@ -213,7 +227,8 @@ def device_report(update, plan, generator):
 def private_round(global_state, updates, plan, generator, rng, drop_at=None):
     reports = [device_report(u, plan, generator).numpy() for u in updates]
     sigma = plan["noise_multiplier"] * 2 * plan["clip"]
-    out = secure_sum(reports, clip=plan["clip"] + 8 * sigma / math.sqrt(plan["min_reports"]), value_bits=plan["value_bits"], drop_at=drop_at, rng=rng)
+    t = max(plan["min_reports"], len(reports) // 2 + 1)
+    out = secure_sum(reports, clip=plan["clip"] + 8 * sigma / math.sqrt(plan["min_reports"]), value_bits=plan["value_bits"], threshold=t, drop_at=drop_at, rng=rng)
     vec = flatten_update(global_state) + torch.from_numpy(out.total) / plan["target"]
     return unflatten_update(vec), out
     '''),
