@@ -56,8 +56,16 @@ SUBMISSIONS = {
             ("waits for stragglers: accepts every report that ever arrives", "test_close_round",
              [("for d, t in arrivals.items() if t <= deadline)", "for d, t in arrivals.items() if math.isfinite(t))")]),
         ],
-        "train_on_device": [("returns NaN, not a zero update, for an empty cache", "test_train_on_device", [(
-            "    if len(labels) > 0:\n", "    if True:\n")])],
+        "train_on_device": [("returns NaN, not a zero update, for an empty cache (divides by the number of examples)",
+                             "test_train_on_device", """
+def train_on_device(plan, state, features, labels):
+    weight, bias = state["weight"].float().clone(), state["bias"].float().clone()
+    for _ in range(plan["local_steps"]):
+        error = torch.sigmoid(features @ weight + bias) - labels
+        weight = weight - plan["learning_rate"] * features.T @ error / len(labels)
+        bias = bias - plan["learning_rate"] * error.mean().reshape(1)
+    return {"weight": weight - state["weight"], "bias": bias - state["bias"]}
+""")],
         "device_report": [("draws noise of z * 2 / sqrt(m_min), not scaled to the clip", "test_device_report", [(
             'share_std = plan["noise_multiplier"] * 2 * clip / math.sqrt(plan["min_reports"])',
             'share_std = plan["noise_multiplier"] * 2 / math.sqrt(plan["min_reports"])')])],
