@@ -19,6 +19,8 @@ Modules, by what a lesson needs:
 - ``fedcourse.paillier``     Paillier-encrypted aggregation with phe: fixed point mod n, packing, encrypted FedAvg (lesson 06 onwards)
 - ``fedcourse.secagg``       secure aggregation: fixed point mod 2**b, X25519 pairwise masks, Shamir sharing, the four rounds, SecAgg+ (lesson 07 onwards)
 - ``fedcourse.privacy``      DP mechanisms, DP-SGD, an RDP accountant, DP-FedAvg (lesson 08 onwards)
+- ``fedcourse.suggestions``  a simulated population of phones showing query suggestions: impressions, device states, held-out phones (lesson 10)
+- ``fedcourse.fl_system``    a Gboard-style private federated system: SQLite training cache, eligibility and over-selection, checkpoints, private rounds, evaluation, the driver (lesson 10)
 - ``fedcourse.frameworks``   the course's FedAvg in TensorFlow Federated and Flower: batches, weights, apps (lesson 11)
 
 Lessons import the submodule they need, e.g. ``from fedcourse.mnist import load_mnist``.
