@@ -92,6 +92,18 @@ def solution_answers(lesson: str) -> dict[str, str]:
             for cell in source.cells if cell.metadata.get("nbgrader", {}).get("solution")}
 
 
+# A correct answer to lesson 00's graded cell, written differently from the solution.
+CORRECT_WEIGHTED_AVERAGE = '''def weighted_average(values, weights):
+    weights = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if weights.sum() == 0:
+        raise ValueError("the weights sum to zero")
+    if isinstance(values[0], dict):
+        return {k: weighted_average([v[k] for v in values], weights) for k in values[0]}
+    if len({tuple(v.shape) for v in values}) > 1:
+        raise ValueError("different shapes")
+    return sum(float(w) * v.double() for w, v in zip(weights / weights.sum(), values)).float()'''
+
+
 def answered_release(lesson: str, mistakes: dict | None = None) -> nbformat.NotebookNode:
     """The released notebook of `lesson`, every solution cell answered as the instructor did, with
     `mistakes` planted: grade_id -> a whole answer (str), or [(text of the answer, replacement)],

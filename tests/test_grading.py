@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from attacks import BOB, BOB_SCORE, MARKER, attacks
-from conftest import EXAMPLES, LESSON00, REPO, read_json, run_autograder, submission_with, tree_fingerprint
+from conftest import CORRECT_WEIGHTED_AVERAGE, EXAMPLES, LESSON00, REPO, read_json, run_autograder, submission_with, tree_fingerprint
 
 GRADE_IDS = ["test_weighted_average_tensors", "test_weighted_average_dicts",
              "test_weighted_average_zero_weight", "test_weighted_average_shapes"]
@@ -54,15 +54,7 @@ def weighted_average(values, weights):
     return sum(float(w) * v.double() for w, v in zip(weights / weights.sum(), values)).float()"""
 # Correct, and checked the student's own way with a torch.optim step: the first step imports
 # torch._dynamo, which wraps torch.manual_seed, a change the guard must expect in every lesson.
-OPTIMIZER = """def weighted_average(values, weights):
-    weights = torch.as_tensor(weights, dtype=torch.float64).flatten()
-    if weights.sum() == 0:
-        raise ValueError("the weights sum to zero")
-    if isinstance(values[0], dict):
-        return {k: weighted_average([v[k] for v in values], weights) for k in values[0]}
-    if len({tuple(v.shape) for v in values}) > 1:
-        raise ValueError("different shapes")
-    return sum(float(w) * v.double() for w, v in zip(weights / weights.sum(), values)).float()
+OPTIMIZER = CORRECT_WEIGHTED_AVERAGE + """
 
 
 # my own check: the weighted average minimises the weighted sum of squared distances

@@ -6,17 +6,7 @@ import re
 
 import nbformat
 
-from conftest import LESSON00, copy_course, run_autograder
-
-CORRECT_BODY = '''def weighted_average(values, weights):
-    weights = torch.as_tensor(weights, dtype=torch.float64)
-    if weights.sum() == 0:
-        raise ValueError("the weights sum to zero")
-    if isinstance(values[0], dict):
-        return {k: weighted_average([v[k] for v in values], weights) for k in values[0]}
-    if len({tuple(v.shape) for v in values}) > 1:
-        raise ValueError("different shapes")
-    return sum(float(w) * v.double() for w, v in zip(weights / weights.sum(), values)).float()'''
+from conftest import CORRECT_WEIGHTED_AVERAGE, LESSON00, copy_course, run_autograder
 
 
 def _cell(nb, grade_id):
@@ -46,7 +36,7 @@ def test_selfcheck_catches_a_broken_course(tmp_path):
     # 2. a released stub that already passes its tests
     release_path = root / "lessons" / LESSON00 / "orientation.ipynb"
     release = nbformat.read(release_path, as_version=4)
-    _cell(release, "weighted_average").source = CORRECT_BODY
+    _cell(release, "weighted_average").source = CORRECT_WEIGHTED_AVERAGE
     nbformat.write(release, release_path)
 
     result = run_autograder("selfcheck", "--lesson", LESSON00, root=root)
