@@ -55,7 +55,9 @@ object and the same ``nn.Parameter`` objects, emptied. The shell forwards:
 - reading a parameter or buffer by name, ``model.weight`` (or ``model.fc1.weight``), gives a
   pointer to it at the model's location, as in PySyft 0.2, so that ``(m1.weight.data +
   m2.weight.data) / 2`` computes with the real values there; ``model.parameters()`` still yields
-  the shell's (empty) parameter objects, which is what optimizers hold. ``model.state_dict()``
+  the shell's parameter objects, which is what optimizers hold; while the model is away they
+  refuse to compute (a ``PointerError`` naming the model's location, never a silent empty
+  result) and only their metadata reads. ``model.state_dict()``
   and ``model.copy()`` refuse while the model is away (an empty copy would be a silent error);
 - ``model.move(worker)`` moves the model from its worker straight to another one, and dropping
   the last reference to the shell deletes the model where it is.
@@ -773,6 +775,35 @@ _AWAY_MODULES = _IdentityRegistry()
 _AWAY_PARAMETERS = _IdentityRegistry()
 
 
+class _SentParameter(torch.nn.Parameter):
+    """What a parameter of a sent model becomes here while the model is away: an empty shell that
+    optimizers can still hold (they step it at the model's location), but that refuses to compute,
+    so that arithmetic on it never gives a silent empty result (PySyft 0.2 gave pointers there).
+    Reading its metadata (``grad``, ``requires_grad``, ``is_leaf``, ...) still works."""
+
+    _READABLE = frozenset({"grad", "_grad", "requires_grad", "is_leaf", "dtype", "device", "layout",
+                           "grad_fn", "_backward_hooks", "_post_accumulate_grad_hooks", "is_sparse",
+                           "is_cuda", "is_meta", "is_nested", "_base", "_version", "names"})
+
+    _SHAPE = frozenset({"numel", "nelement", "size", "dim", "ndimension", "is_floating_point", "element_size"})
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        descriptor = getattr(func, "__self__", None)
+        if getattr(func, "__name__", None) in ("__get__", "__set__") and \
+                getattr(descriptor, "__name__", None) in cls._READABLE | {"shape", "ndim"} \
+                or getattr(func, "__name__", None) in cls._SHAPE:
+            return super().__torch_function__(func, types, args, kwargs or {})
+        shell = next((a for a in args if isinstance(a, _SentParameter)), None)
+        away = _AWAY_PARAMETERS.get(shell) if shell is not None else None
+        where, name = (away[0].id, away[2]) if away else ("another worker", "this parameter")
+        if getattr(func, "__name__", None) == "__repr__":
+            return f"<{name} of a model at {where}: its values are there (model.{name} points to them)>"
+        raise PointerError(
+            f"{name} belongs to a model that was sent to {where}: its values are there, and the local "
+            f"shell is empty. Use model.{name} (a pointer to it there), or call model.get() first")
+
+
 def _module_send(self: torch.nn.Module, location: VirtualWorker) -> torch.nn.Module:
     """Ship the model to `location`; the local module stays behind as an empty shell."""
     if _AWAY_MODULES.get(self) is not None:
@@ -791,6 +822,8 @@ def _module_send(self: torch.nn.Module, location: VirtualWorker) -> torch.nn.Mod
     for name, param in self.named_parameters():
         param.grad = None
         param.data = param.data.new_empty(0)
+        if type(param) is torch.nn.Parameter:
+            param.__class__ = _SentParameter
     return self
 
 
@@ -876,6 +909,8 @@ def _module_get(self: torch.nn.Module) -> torch.nn.Module:
     remote_parameters = dict(remote.named_parameters())
     for name, param in self.named_parameters():
         _AWAY_PARAMETERS.pop(param, None)
+        if type(param) is _SentParameter:
+            param.__class__ = torch.nn.Parameter
         twin = remote_parameters[name]
         param.data = twin.data
         param.grad = twin.grad

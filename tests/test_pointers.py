@@ -267,6 +267,11 @@ def test_a_sent_model_is_an_empty_shell_until_get(bob):
     weight = model.weight
     model.send(bob)
     assert list(model.parameters())[0] is weight and weight.numel() == 0, "the weights are at bob, not here"
+    with pytest.raises(PointerError, match="weight.*sent to bob.*model.weight.*model.get"):
+        weight + 1  # the shell refuses to compute: no silent empty result
+    with pytest.raises(PointerError, match="sent to bob"):
+        (weight * 2).sum()
+    assert "at bob" in repr(weight) and weight.grad is None and weight.requires_grad
     remote_weight = model.weight  # as in PySyft 0.2: a sent model's parameter is a pointer to it there
     assert isinstance(remote_weight, PointerTensor) and remote_weight.location is bob
     assert remote_weight.shape == (2, 3), "the pointer reaches the real weight, not the shell's empty tensor"
