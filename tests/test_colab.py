@@ -7,10 +7,10 @@ instructor must change.
 
 Opt-in (FEDCOURSE_COLAB_PYTHON, made by `.ci/colab`): a Python 3.12 environment with Colab's
 kind of preinstalled stack (a current PyTorch, numpy 2, a `google.colab` module) where the setup
-cell installs the course from the local clone, and lessons 00 and 03, answered, run end to end in
-that environment's kernel; so does lesson 11, with the Flower its setup cell installs and its
-TensorFlow Federated sections skipped. Building that environment downloads about 3 GB (PyPI's Linux torch
-wheels bring CUDA), too much for every CI run.
+cell installs the course from the local clone, and lessons 00, 03 and 10, answered, run end to
+end in that environment's kernel; so does lesson 11, with the Flower its setup cell installs and
+its TensorFlow Federated sections skipped. Building that environment downloads about 3 GB
+(PyPI's Linux torch wheels bring CUDA), too much for every CI run.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ colab = pytest.mark.skipif(
     not COLAB_PYTHON,
     reason="needs a Colab-like Python 3.12 environment (about 3 GB to download): run .ci/colab, or set "
            "FEDCOURSE_COLAB_PYTHON to the python of one")
-COLAB_LESSONS = ["00-orientation", "03-fedavg"]
+COLAB_LESSONS = ["00-orientation", "03-fedavg", "10-capstone"]
 
 
 def _colab_python(*code: str) -> str:
