@@ -24,7 +24,9 @@ Checked against OpenMined's own tutorials (PySyft repository, branch ``syft_0.2.
   ``x.send(bob).send(alice)``: pointer chains) and ``remote_get``;
 - models: ``model.send``/``model.get``, calling a sent model on pointers, optimizers made
   before or after ``send``, ``model.copy()``, ``model.move(worker)``; a sent model's
-  parameters (``model.weight``, ``model.weight.data``) are pointers to them at its location;
+  parameters (``model.weight``, ``model.weight.data``) are pointers to them at its location,
+  and the parameter objects left here (``model.parameters()``, what optimizers hold) refuse to
+  compute until ``model.get()``: a ``PointerError``, never a silent empty result;
 - federated data (``fedcourse.federated_data``, lesson 02): ``federate`` on every
   ``torch.utils.data.Dataset`` of ``(example, target)`` items, ``BaseDataset`` of tensors or of
   pointers, ``FederatedDataset`` (also from a list of remote ``BaseDataset``),
