@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from fedcourse.checks import toolbox
-from fedcourse.privacy import compute_epsilon
+from fedcourse.privacy import DEFAULT_ORDERS, clip_update, rdp_subsampled_gaussian, rdp_to_epsilon
 from fedcourse.secagg import ProtocolAborted, majority_threshold, secure_sum
 from fedcourse.suggestions import (CHARGING, IDLE, NOW, NUM_FEATURES, UNMETERED, Population, as_tensors,
                                    click_probability, initial_state)
@@ -246,7 +246,7 @@ def train_on_device(plan: Mapping, state: Mapping[str, torch.Tensor], features: 
     features, labels = torch.as_tensor(features, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.float32)
     if len(labels) > 0:
         for _ in range(int(plan["local_steps"])):
-            error = torch.sigmoid(features @ weight + bias) - labels
+            error = click_probability({"weight": weight, "bias": bias}, features) - labels
             weight = weight - plan["learning_rate"] * features.T @ error / len(labels)
             bias = bias - plan["learning_rate"] * error.mean().reshape(1)
     return {"weight": weight - state["weight"].float(), "bias": bias - state["bias"].float()}
@@ -269,23 +269,24 @@ def unflatten_update(vector) -> dict[str, torch.Tensor]:
     return {"weight": vector[:NUM_FEATURES].float(), "bias": vector[NUM_FEATURES:].float()}
 
 
+def _noise_share_std(plan: Mapping) -> float:
+    """One device's share of the noise: sigma / sqrt(m_min), sigma = z * 2C."""
+    return plan["noise_multiplier"] * 2 * plan["clip"] / math.sqrt(plan["min_reports"])
+
+
 @toolbox
 def encoding_bound(plan: Mapping) -> float:
     """The range [-B, B] secure aggregation encodes each value of a report in: the clip plus 8
     standard deviations of the device's noise share, so that clamping (almost) never happens."""
-    share_std = plan["noise_multiplier"] * 2 * plan["clip"] / math.sqrt(plan["min_reports"])
-    return plan["clip"] + 8 * share_std
+    return plan["clip"] + 8 * _noise_share_std(plan)
 
 
 def device_report(update: torch.Tensor, plan: Mapping, generator: torch.Generator) -> torch.Tensor:
     """The device's side of DP: clip its update (a vector) to L2 norm C, add its share
     N(0, (z * 2C)^2 / m_min) of the noise on every value."""
     update = torch.as_tensor(update, dtype=torch.float64)
-    clip = plan["clip"]
-    norm = update.norm().item()
-    clipped = update * min(1.0, clip / norm) if norm > 0 else update.clone()
-    share_std = plan["noise_multiplier"] * 2 * clip / math.sqrt(plan["min_reports"])
-    return clipped + share_std * torch.randn(update.shape, generator=generator, dtype=torch.float64)
+    clipped = clip_update({"update": update}, plan["clip"])["update"]
+    return clipped + _noise_share_std(plan) * torch.randn(update.shape, generator=generator, dtype=torch.float64)
 
 
 def private_round(global_state: Mapping[str, torch.Tensor], updates: Sequence[torch.Tensor], plan: Mapping,
@@ -307,7 +308,8 @@ def private_round(global_state: Mapping[str, torch.Tensor], updates: Sequence[to
 def round_epsilons(plan: Mapping, rounds: int, delta: float) -> list[float]:
     """Epsilon spent after each of ``rounds`` rounds: the subsampled Gaussian at the plan's
     selection rate q and noise multiplier z, composed over the rounds attempted."""
-    return [compute_epsilon(plan["selection_rate"], plan["noise_multiplier"], t, delta) for t in range(1, rounds + 1)]
+    per_round = rdp_subsampled_gaussian(plan["selection_rate"], plan["noise_multiplier"], DEFAULT_ORDERS)
+    return [rdp_to_epsilon(t * per_round, DEFAULT_ORDERS, delta)[0] for t in range(1, rounds + 1)]
 
 
 # ---------------------------------------------------------------------------------------------
