@@ -783,7 +783,7 @@ class _SentParameter(torch.nn.Parameter):
 
     _READABLE = frozenset({"grad", "_grad", "requires_grad", "is_leaf", "dtype", "device", "layout",
                            "grad_fn", "_backward_hooks", "_post_accumulate_grad_hooks", "is_sparse",
-                           "is_cuda", "is_meta", "is_nested", "_base", "_version", "names"})
+                           "is_cuda", "is_meta", "is_nested", "_base", "_version", "names", "shape", "ndim"})
 
     _SHAPE = frozenset({"numel", "nelement", "size", "dim", "ndimension", "is_floating_point", "element_size"})
 
@@ -791,7 +791,7 @@ class _SentParameter(torch.nn.Parameter):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         descriptor = getattr(func, "__self__", None)
         if getattr(func, "__name__", None) in ("__get__", "__set__") and \
-                getattr(descriptor, "__name__", None) in cls._READABLE | {"shape", "ndim"} \
+                getattr(descriptor, "__name__", None) in cls._READABLE \
                 or getattr(func, "__name__", None) in cls._SHAPE:
             return super().__torch_function__(func, types, args, kwargs or {})
         shell = next((a for a in args if isinstance(a, _SentParameter)), None)
