@@ -39,19 +39,9 @@ LENIENT = """def weighted_average(values, weights):
     return sum(float(w) / total * v for w, v in zip(weights, values))"""
 # Correct, except that the all-zero float weights of a hidden test kill the kernel: the two
 # tests before it keep their points.
-CRASHES_LATE = """import os
-
-def weighted_average(values, weights):
-    weights = torch.as_tensor(weights, dtype=torch.float64).flatten()
-    if weights.sum() == 0:
-        if weights.dtype == torch.float64 and len(weights) == 3:
-            os._exit(1)
-        raise ValueError("the weights sum to zero")
-    if isinstance(values[0], dict):
-        return {k: weighted_average([v[k] for v in values], weights) for k in values[0]}
-    if len({tuple(v.shape) for v in values}) > 1:
-        raise ValueError("different shapes")
-    return sum(float(w) * v.double() for w, v in zip(weights / weights.sum(), values)).float()"""
+CRASHES_LATE = "import os\n\n" + CORRECT_WEIGHTED_AVERAGE.replace(
+    "    if weights.sum() == 0:\n",
+    "    if weights.sum() == 0:\n        if weights.dtype == torch.float64 and len(weights) == 3:\n            os._exit(1)\n", 1)
 # Correct, and checked the student's own way with a torch.optim step: the first step imports
 # torch._dynamo, which wraps torch.manual_seed, a change the guard must expect in every lesson.
 OPTIMIZER = CORRECT_WEIGHTED_AVERAGE + """
